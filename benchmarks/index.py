@@ -1,0 +1,270 @@
+"""Gallery index benchmark: Edge `exact`/`fast` vs numpy exact MaxSim vs qdrant-client local mode.
+
+    python benchmarks/index.py --sizes 10000,100000 --json /tmp/index_bench.json
+    python benchmarks/index.py --features feats.npy [--queries q.npy] --json out.json
+
+Synthetic data: clustered, normalised tokens [N, 32, 256]; queries are perturbed tokens of random
+gallery images. Ground truth: numpy exact MaxSim. Reports build time, p50/p95 latency (one query
+per call, one thread), recall@10/@50, RSS growth and disk, and each p50 as a ratio to numpy's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import contextlib
+
+from retrieval.index import VersionMeta, open_index  # noqa: E402
+
+logger = logging.getLogger("bench.index")
+
+
+def synth(n: int, q: int, d: int, seed: int, clusters: int = 1000, chunk: int = 5000) -> np.ndarray:
+    """Clustered synthetic tokens, generated in chunks (100k x 32 x 256 is 3.3 GB)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, d)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    out = np.empty((n, q, d), np.float32)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        r = np.random.default_rng(seed + 1 + s)
+        c = centers[r.integers(0, clusters, m)]  # image topic
+        img = c + r.standard_normal((m, d)).astype(np.float32) / np.sqrt(d)  # image: topic + own
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        # tokens: image + token noise (cos(token, image) ~ 0.6, like Q-Former query tokens)
+        toks = img[:, None, :] + 1.3 * r.standard_normal((m, q, d)).astype(np.float32) / np.sqrt(d)
+        toks /= np.linalg.norm(toks, axis=-1, keepdims=True)
+        out[s : s + m] = toks
+    return out
+
+
+def make_queries(tokens: np.ndarray, nq: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n, q, d = tokens.shape
+    base = tokens[rng.integers(0, n, nq), rng.integers(0, q, nq)]
+    qs = base + rng.standard_normal((nq, d)).astype(np.float32) / np.sqrt(d)  # cos ~0.7
+    return (qs / np.linalg.norm(qs, axis=1, keepdims=True)).astype(np.float32)
+
+
+def numpy_exact(tokens: np.ndarray, qs: np.ndarray, k: int) -> tuple[list[np.ndarray], list[float]]:
+    n, q, d = tokens.shape
+    flat = tokens.reshape(n * q, d)
+    tops, times = [], []
+    for v in qs:
+        t0 = time.perf_counter()
+        s = (flat @ v).reshape(n, q).max(axis=1)
+        top = np.argpartition(-s, k)[:k]
+        top = top[np.argsort(-s[top])]
+        times.append(time.perf_counter() - t0)
+        tops.append(top)
+    return tops, times
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def du_mb(path: Path) -> float:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, f))
+    return total / 2**20
+
+
+def recall(got: list[list[str]], truth: list[np.ndarray], k: int) -> float:
+    vals = []
+    for g, t in zip(got, truth, strict=True):
+        want = {f"i{j}" for j in t[:k]}
+        vals.append(len(want & set(g[:k])) / k)
+    return float(np.mean(vals))
+
+
+def pct(times: list[float]) -> tuple[float, float]:
+    ms = np.asarray(times) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+
+def build(uri: str, tokens: np.ndarray, chunk: int = 2000) -> tuple[Any, float]:
+    n, q, d = tokens.shape
+    idx = open_index(uri, "bench", encoder_fingerprint="bench")
+    t0 = time.perf_counter()
+    meta = VersionMeta("bench", "synthetic", (q, d), {"bucket": "integer"})
+    with idx.create_version(meta) as v:
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            v.upsert(
+                [f"i{j}" for j in range(s, e)],
+                tokens[s:e],
+                [{"bucket": j % 10} for j in range(s, e)],
+            )
+    idx.activate(v.version)  # the handle is closed: flush + optimize (HNSW on pooled, int8)
+    build_s = time.perf_counter() - t0
+    if not uri.startswith("local"):
+        idx.close()
+        idx = open_index(uri, "bench", encoder_fingerprint="bench", read_only=True)
+    return idx, build_s
+
+
+def run_queries(idx: Any, qs: np.ndarray, k: int, mode: str) -> tuple[list[list[str]], list[float]]:
+    ids, times = [], []
+    for v in qs:
+        t0 = time.perf_counter()
+        hits = idx.search(v, top_k=k, mode=mode)
+        times.append(time.perf_counter() - t0)
+        ids.append([h.id for h in hits])
+    return ids, times
+
+
+def bench_size(tokens: np.ndarray, label: str, nq: int, local: bool, workdir: Path) -> list[dict]:
+    n = tokens.shape[0]
+    qs = make_queries(tokens, nq, seed=123)
+    rows: list[dict] = []
+    truth50, t_np = numpy_exact(tokens, qs, 50)
+    np_p50, np_p95 = pct(t_np)
+    rows.append(
+        dict(
+            size=label,
+            n=n,
+            backend="numpy",
+            mode="exact",
+            build_s=0.0,
+            p50_ms=np_p50,
+            p95_ms=np_p95,
+            recall10=1.0,
+            recall50=1.0,
+            rss_mb=tokens.nbytes / 2**20,
+            disk_mb=0.0,
+        )
+    )
+    logger.info("%s numpy exact p50 %.1f ms", label, np_p50)
+
+    backends = [("edge", f"edge:{workdir / 'edge'}")]
+    if local:
+        backends.append(("local", f"local:{workdir / 'local'}"))
+    for backend, uri in backends:
+        rss0 = rss_mb()
+        idx, build_s = build(uri, tokens)
+        rss1 = rss_mb()
+        disk = du_mb(workdir / backend)
+        modes = ["exact", "fast"] if backend == "edge" else ["exact"]
+        m_nq = nq if backend == "edge" else min(nq, 20)  # local mode is a pure-Python scan
+        for mode in modes:
+            run_queries(idx, qs[:5], 10, mode)  # warm up (page cache, lazy structures)
+            got10, times = run_queries(idx, qs[:m_nq], 10, mode)
+            got50, _ = run_queries(idx, qs[:m_nq], 50, mode)
+            p50, p95 = pct(times)
+            rows.append(
+                dict(
+                    size=label,
+                    n=n,
+                    backend=backend,
+                    mode=mode,
+                    build_s=build_s,
+                    p50_ms=p50,
+                    p95_ms=p95,
+                    recall10=recall(got10, truth50[:m_nq], 10),
+                    recall50=recall(got50, truth50[:m_nq], 50),
+                    rss_mb=rss1 - rss0,
+                    disk_mb=disk,
+                    queries=m_nq,
+                )
+            )
+            logger.info("%s %s %s: %s", label, backend, mode, rows[-1])
+        idx.close()
+        shutil.rmtree(workdir / backend, ignore_errors=True)
+    for r in rows:
+        r["speedup_vs_numpy"] = np_p50 / r["p50_ms"] if r["p50_ms"] > 0 else None
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| size | backend | mode | build s | p50 ms | p95 ms | recall@10 | recall@50 | "
+        "RSS MB | disk MB | speed-up vs numpy |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['backend']} | {r['mode']} | {r['build_s']:.1f} | {r['p50_ms']:.1f} "
+            f"| {r['p95_ms']:.1f} | {r['recall10']:.3f} | {r['recall50']:.3f} | {r['rss_mb']:.0f} "
+            f"| {r['disk_mb']:.0f} | {r['speedup_vs_numpy']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10000,100000", help="comma-separated gallery sizes")
+    ap.add_argument("--queries-n", type=int, default=200, help="queries per size")
+    ap.add_argument("--q", type=int, default=32, help="tokens per image")
+    ap.add_argument("--d", type=int, default=256, help="token dimension")
+    ap.add_argument("--local-max", type=int, default=10000, help="run local mode up to this size")
+    ap.add_argument("--features", type=Path, help="real target features [N, Q, D] (.npy)")
+    ap.add_argument("--queries", type=Path, help="real query vectors [M, D] (.npy)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the indexes are built")
+    ap.add_argument("--json", type=Path, help="write the rows here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cir-index-bench-"))
+    rows: list[dict] = []
+    if args.features:
+        tokens = np.load(args.features, mmap_mode="r").astype(np.float32)
+        tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
+        label = f"real {tokens.shape[0]}"
+        if args.queries:
+            qs = np.load(args.queries).astype(np.float32)
+            globals()["make_queries"] = lambda t, nq, seed: (
+                qs[:nq] / np.linalg.norm(qs[:nq], axis=1, keepdims=True)
+            )
+        rows += bench_size(
+            tokens, label, args.queries_n, tokens.shape[0] <= args.local_max, workdir
+        )
+    else:
+        for n in (int(x) for x in args.sizes.split(",") if x):
+            t0 = time.perf_counter()
+            tokens = synth(n, args.q, args.d, seed=7)
+            logger.info(
+                "generated %d x %d x %d in %.1fs", n, args.q, args.d, time.perf_counter() - t0
+            )
+            rows += bench_size(
+                tokens, f"{n // 1000}k", args.queries_n, n <= args.local_max, workdir
+            )
+            del tokens
+    print(table(rows))
+    if args.json:
+        info = {
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            },
+            "git": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            or None,
+            "rows": rows,
+        }
+        args.json.write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The `cir` console command.
+
+Each package owns its subcommands and exposes ``register(app)``; heavy imports (torch,
+grpc, streamlit) happen inside the commands so ``cir --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+app = typer.Typer(
+    name="cir",
+    help="Composed image retrieval: SPRC encoder, Qdrant gallery index, gRPC server, UI.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    log_level: str = typer.Option(
+        os.environ.get("CIR_LOG_LEVEL", "INFO"), "--log-level", help="DEBUG, INFO, WARNING, ERROR"
+    ),
+) -> None:
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register_all() -> None:
+    from retrieval import commands as retrieval_commands
+
+    retrieval_commands.register(app)
+    for module in ("indexer.cli", "server.cli", "frontend.cli", "retrieval.demo"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as exc:  # a package still being built must not break the rest
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""SPRC model configuration with named presets (open_clip style).
+
+A preset fixes every dimension of the architecture. ``blip2-vitg`` has exactly the dimensions of
+``Salesforce/blip2-itm-vit-g`` (EVA ViT-g/14 at 224 px, BERT-base Q-Former with cross-attention
+every 2nd layer, 32 queries, 256-d projections). ``sprc-small`` trains from scratch on a 2-core
+CPU; ``tiny`` exists for fast tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# CLIP normalisation, as SPRC/LAVIS use for BLIP-2.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class SPRCConfig:
+    name: str = "custom"  # preset name, recorded in checkpoints and index versions
+    # --- vision tower (EVA ViT in LAVIS; transformers' Blip2VisionModel) ---
+    image_size: int = 224  # input resolution after preprocessing (square)
+    patch_size: int = 14  # ViT patch size
+    vision_hidden_size: int = 1408  # ViT width
+    vision_num_layers: int = 39  # ViT depth (LAVIS drops EVA-g's last block: 40 -> 39)
+    vision_num_heads: int = 16  # ViT attention heads
+    vision_intermediate_size: int = 6144  # ViT MLP width
+    vision_layer_norm_eps: float = 1e-6  # EVA/LAVIS eps
+    # --- Q-Former (BERT-base with cross-attention) ---
+    qformer_hidden_size: int = 768  # Q-Former width
+    qformer_num_layers: int = 12  # Q-Former depth
+    qformer_num_heads: int = 12  # Q-Former attention heads
+    qformer_intermediate_size: int = 3072  # Q-Former feed-forward width (query and text FFNs)
+    cross_attention_frequency: int = 2  # cross-attention to the image in layers 0, 2, 4, ...
+    vocab_size: int = 30523  # bert-base-uncased 30522 + [DEC]
+    max_position_embeddings: int = 512  # BERT positions
+    qformer_layer_norm_eps: float = 1e-12  # BERT eps
+    hidden_dropout_prob: float = 0.1  # BERT dropout (training only)
+    attention_dropout_prob: float = 0.1  # BERT attention dropout (training only)
+    # --- SPRC heads ---
+    num_query_tokens: int = 32  # learned queries (and sentence-level prompt length)
+    embed_dim: int = 256  # vision/text projection size: the retrieval space
+    max_text_len: int = 32  # caption tokens incl. [CLS]/[SEP] (SPRC pads to 32)
+    temp_init: float = 0.07  # learned temperature init (training only; ranking ignores it)
+    init_std: float = 0.02  # LAVIS-style init for from-scratch weights
+    # --- preprocessing (part of the fingerprint) ---
+    target_pad_ratio: float = 1.25  # SPRC "TargetPad": pad to square when aspect ratio > this
+    image_mean: tuple[float, float, float] = CLIP_MEAN  # per-channel mean
+    image_std: tuple[float, float, float] = CLIP_STD  # per-channel std
+    # --- tokenizer ---
+    tokenizer: str = "builtin"  # "builtin": the project's WordPiece vocab; "folder": vocab.txt in checkpoint
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (converter, source)
+
+    # ---- derived ----
+    @property
+    def num_image_tokens(self) -> int:
+        """ViT tokens per image: patches + [CLS]."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_mean"] = list(self.image_mean)
+        d["image_std"] = list(self.image_std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SPRCConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SPRC config keys: {unknown}")
+        d = dict(d)
+        for k in ("image_mean", "image_std"):
+            if k in d:
+                d[k] = tuple(float(x) for x in d[k])
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SPRCConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> SPRCConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        if self.vision_hidden_size % self.vision_num_heads:
+            raise ValueError("vision_hidden_size must be divisible by vision_num_heads")
+        if self.qformer_hidden_size % self.qformer_num_heads:
+            raise ValueError("qformer_hidden_size must be divisible by qformer_num_heads")
+        if self.max_text_len + self.num_query_tokens + 1 > self.max_position_embeddings:
+            raise ValueError("max_position_embeddings too small for prompt + caption")
+
+
+PRESETS: dict[str, SPRCConfig] = {
+    # Exactly Salesforce/blip2-itm-vit-g (transformers Blip2ForImageTextRetrieval).
+    "blip2-vitg": SPRCConfig(name="blip2-vitg", tokenizer="builtin"),
+    # Trains from scratch on a 2-core CPU on the synthetic shapes world (64 px renders).
+    "sprc-small": SPRCConfig(
+        name="sprc-small",
+        image_size=64,
+        patch_size=8,
+        vision_hidden_size=192,
+        vision_num_layers=6,
+        vision_num_heads=3,
+        vision_intermediate_size=768,
+        qformer_hidden_size=192,
+        qformer_num_layers=4,
+        qformer_num_heads=3,
+        qformer_intermediate_size=768,
+        vocab_size=2048,
+        max_position_embeddings=96,
+    ),
+    # The smallest model with every part of the real architecture; for unit tests.
+    "tiny": SPRCConfig(
+        name="tiny",
+        image_size=32,
+        patch_size=8,
+        vision_hidden_size=64,
+        vision_num_layers=2,
+        vision_num_heads=2,
+        vision_intermediate_size=128,
+        qformer_hidden_size=64,
+        qformer_num_layers=2,
+        qformer_num_heads=2,
+        qformer_intermediate_size=128,
+        vocab_size=2048,
+        max_position_embeddings=96,
+    ),
+}
+
+
+def get_config(name_or_path: str | Path) -> SPRCConfig:
+    """A preset by name, or a JSON config file / checkpoint folder."""
+    key = str(name_or_path)
+    if key in PRESETS:
+        return PRESETS[key].replace(extra={})
+    p = Path(key)
+    if p.is_dir():
+        p = p / "config.json"
+    if p.is_file():
+        return SPRCConfig.load(p)
+    raise ValueError(f"unknown preset or config file {key!r}; presets: {', '.join(PRESETS)}")

@@ -1,0 +1,182 @@
+"""Recall@K over a gallery, with image-only and text-only baselines, in one run.
+
+For each triplet the whole gallery is ranked by MaxSim (max over an image's Q target vectors of
+the dot product with the query); the reference itself is excluded, as CIRR does. Baselines:
+``image_only`` queries with the reference alone (its normalised mean target vector) and
+``text_only`` with the caption alone (SPRC's text-only prompt path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retrieval.data.triplets import GalleryItem, Triplet, load_gallery, load_triplets, resolve_path
+from retrieval.encoder import Encoder
+from retrieval.imageio import decode_image
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KS = (1, 5, 10, 50)
+
+
+def maxsim_scores(queries: np.ndarray, gallery: torch.Tensor) -> torch.Tensor:
+    """[B, D] x [G, Q, D] -> [B, G] MaxSim scores."""
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    g, nq, d = gallery.shape
+    return (gallery.reshape(g * nq, d) @ q.T).reshape(g, nq, -1).amax(dim=1).T
+
+
+def target_ranks(scores: torch.Tensor, target_idx: Sequence[int], exclude_idx: Sequence[int]) -> np.ndarray:
+    """0-based rank of each row's target after masking its excluded (reference) item."""
+    scores = scores.clone()
+    rows = torch.arange(scores.shape[0])
+    excl = torch.tensor(exclude_idx)
+    has_excl = excl >= 0
+    scores[rows[has_excl], excl[has_excl]] = float("-inf")
+    tgt = scores[rows, torch.tensor(target_idx)]
+    return (scores > tgt[:, None]).sum(dim=1).numpy()
+
+
+def recall_at(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    if len(ranks) == 0:
+        return {str(k): 0.0 for k in ks}
+    return {str(k): float((ranks < k).mean()) for k in ks}
+
+
+@dataclass
+class GalleryFeatures:
+    ids: list[str]
+    index: dict[str, int]
+    tokens: torch.Tensor  # [G, Q, D] float32
+
+
+def load_images(data_dir: Path, paths: Sequence[str]) -> list[Any]:
+    return [decode_image(resolve_path(data_dir, p)) for p in paths]
+
+
+def encode_gallery(
+    encoder: Encoder, data_dir: Path, items: Sequence[GalleryItem], batch_size: int = 64, progress: bool = True
+) -> GalleryFeatures:
+    feats = []
+    it = range(0, len(items), batch_size)
+    for i in tqdm(it, desc="gallery", disable=not progress, unit="batch"):
+        chunk = items[i : i + batch_size]
+        feats.append(encoder.encode_targets(load_images(data_dir, [g.path for g in chunk]), batch_size=batch_size))
+    tokens = torch.from_numpy(np.concatenate(feats)) if feats else torch.zeros(0, encoder.num_queries, encoder.dim)
+    ids = [g.id for g in items]
+    return GalleryFeatures(ids, {g: i for i, g in enumerate(ids)}, tokens)
+
+
+def evaluate(
+    encoder: Encoder,
+    data_dir: str | Path,
+    split: str = "test",
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = 64,
+    limit: int | None = None,
+    gallery: GalleryFeatures | None = None,
+    gallery_limit: int | None = None,
+    baselines: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Recall@K of ``encoder`` on ``split``; see module docstring. ``gallery_limit`` restricts the
+    gallery to the split's references/targets plus a seeded sample of the rest (for fast
+    validation during training); the full gallery is the default."""
+    t0 = time.perf_counter()
+    data_dir = Path(data_dir)
+    triplets: list[Triplet] = [t for t in load_triplets(data_dir, split) if t.target_id]
+    if limit:
+        triplets = triplets[:limit]
+    if not triplets:
+        raise ValueError(f"{data_dir}/{split}.jsonl has no triplet with a target_id to evaluate")
+    if gallery is None:
+        items = load_gallery(data_dir)
+        if gallery_limit and gallery_limit < len(items):
+            needed = {t.target_id for t in triplets} | {t.reference_id for t in triplets}
+            rest = [g for g in items if g.id not in needed]
+            rng = np.random.default_rng(seed)
+            keep = rng.choice(len(rest), size=max(0, gallery_limit - len(needed)), replace=False) if rest else []
+            items = [g for g in items if g.id in needed] + [rest[i] for i in sorted(keep)]
+        gallery = encode_gallery(encoder, data_dir, items, batch_size, progress)
+    missing = [t.target_id for t in triplets if t.target_id not in gallery.index]
+    if missing:
+        raise ValueError(f"{len(missing)} target ids of {split} are not in the gallery, e.g. {missing[:3]}")
+
+    ranks: dict[str, list[int]] = {"sprc": [], "image_only": [], "text_only": []}
+    for i in tqdm(range(0, len(triplets), batch_size), desc=split, disable=not progress, unit="batch"):
+        chunk = triplets[i : i + batch_size]
+        tgt = [gallery.index[t.target_id] for t in chunk]  # type: ignore[index]
+        excl = [gallery.index.get(t.reference_id, -1) for t in chunk]
+        refs = load_images(data_dir, [t.reference for t in chunk])
+        texts = [t.caption for t in chunk]
+        feats = encoder.reference_features(refs)
+        q = encoder.encode_queries(None, texts, ref_features=feats, batch_size=batch_size)
+        ranks["sprc"] += target_ranks(maxsim_scores(q, gallery.tokens), tgt, excl).tolist()
+        if baselines:
+            with torch.inference_mode():
+                ref_tokens = encoder.model.target_features(feats.to(encoder.dtype)).float().cpu()
+            img_q = torch.nn.functional.normalize(ref_tokens.mean(dim=1), dim=-1).numpy()
+            ranks["image_only"] += target_ranks(maxsim_scores(img_q, gallery.tokens), tgt, excl).tolist()
+            txt_q = encoder.encode_texts(texts)
+            ranks["text_only"] += target_ranks(maxsim_scores(txt_q, gallery.tokens), tgt, excl).tolist()
+
+    main = np.asarray(ranks["sprc"])
+    by_type_idx: dict[str, list[int]] = defaultdict(list)
+    for j, t in enumerate(triplets):
+        by_type_idx[t.type].append(j)
+    result: dict[str, Any] = {
+        "split": split,
+        "n": len(triplets),
+        "gallery_size": len(gallery.ids),
+        "model": encoder.fingerprint,
+        "recall": recall_at(main, ks),
+        "by_type": {
+            typ: {"n": len(idx), "recall": recall_at(main[idx], ks)} for typ, idx in sorted(by_type_idx.items())
+        },
+        "mean_rank": float(main.mean() + 1),
+    }
+    if baselines:
+        result["baselines"] = {
+            name: {"recall": recall_at(np.asarray(ranks[name]), ks)} for name in ("image_only", "text_only")
+        }
+        for typ, idx in by_type_idx.items():
+            for name in ("image_only", "text_only"):
+                result["by_type"][typ][name] = recall_at(np.asarray(ranks[name])[idx], ks)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A readable Recall@K table (model vs baselines, then per modification type)."""
+    ks = list(result["recall"])
+    head = f"{'':<22}" + "".join(f"{'R@' + k:>9}" for k in ks)
+    lines = [
+        f"split={result['split']}  n={result['n']}  gallery={result['gallery_size']}  model={result['model']}",
+        head,
+        f"{'SPRC (image+text)':<22}" + "".join(f"{100 * result['recall'][k]:>9.2f}" for k in ks),
+    ]
+    for name, res in result.get("baselines", {}).items():
+        lines.append(f"{name.replace('_', '-') + ' baseline':<22}" + "".join(f"{100 * res['recall'][k]:>9.2f}" for k in ks))
+    lines.append("")
+    lines.append(f"{'by type (SPRC)':<16}{'n':>6}" + "".join(f"{'R@' + k:>9}" for k in ks))
+    for typ, res in result["by_type"].items():
+        lines.append(f"{typ:<16}{res['n']:>6}" + "".join(f"{100 * res['recall'][k]:>9.2f}" for k in ks))
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,176 @@
+"""The gallery index: one point per image with a ``tokens`` multivector (MaxSim) and ``pooled``.
+
+Backends (picked by the URI given to :func:`open_index`):
+
+* ``edge:PATH`` (default) -- Qdrant Edge, the Qdrant engine embedded in-process, on disk under
+  ``PATH/<name>/``; one process owns a version's shard at a time (lock file with the pid).
+* ``qdrant:URL`` -- a Qdrant server or cluster through qdrant-client (``api_key``,
+  ``shard_number``, ``replication_factor``); versions are collections behind an alias.
+* ``local:PATH`` / ``local::memory:`` -- qdrant-client's local mode (a pure-Python scan; tests).
+
+Usage::
+
+    from retrieval.index import open_index, VersionMeta
+    idx = open_index("edge:data/index", name="gallery", encoder_fingerprint=fp)
+    idx.upsert(ids, tokens, payloads)        # ids: list[str]; tokens: np.ndarray [N, Q, D]
+    hits = idx.search(query, top_k=10, offset=0, filter={"category": "bag"}, mode="auto")
+    hits[0].id, hits[0].score, hits[0].payload
+    idx.count(); idx.get(ids, with_vectors=True); idx.delete(ids)
+
+    # zero-downtime rebuild (the server keeps serving the active version meanwhile)
+    with idx.create_version(VersionMeta(fp, "sprc-demo", (32, 256), {"category": "keyword"})) as v:
+        v.upsert(ids, tokens, payloads)
+    idx.activate(v.version)                  # atomic; the server picks it up with idx.refresh()
+    idx.rollback()
+
+Filters: ``{"category": "bag", "price": {"gte": 10, "lt": 50}, "color": ["red", "blue"]}``
+(equality, range, any-of; all must hold) on fields declared in ``VersionMeta.fields``.
+Errors: see :mod:`retrieval.index.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from retrieval.index.api import (
+    AUTO_FAST_MIN_POINTS,
+    FIELD_TYPES,
+    ID_KEY,
+    MAX_TOP_K,
+    SEARCH_MODES,
+    FieldType,
+    Filter,
+    GalleryIndex,
+    Hit,
+    IndexView,
+    Record,
+    SearchMode,
+    VersionHandle,
+    VersionInfo,
+    VersionMeta,
+)
+from retrieval.index.errors import (
+    GalleryIndexError,
+    IndexInUseError,
+    IndexNotFoundError,
+    IndexUnavailableError,
+    InvalidFilterError,
+    InvalidQueryError,
+    ModelMismatchError,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URI = "edge:data/index"
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """Split an index URI into ``(backend, location)``.
+
+    ``edge:PATH`` -> ("edge", PATH); ``qdrant:URL`` -> ("qdrant", URL);
+    ``local:PATH`` -> ("local", PATH); ``local::memory:`` -> ("local", ":memory:").
+    A bare path (no scheme) means Edge. Raises ``GalleryIndexError`` on an unknown scheme.
+    """
+    scheme, sep, rest = uri.partition(":")
+    if not sep or len(scheme) == 1:  # bare path (or a Windows drive letter)
+        return "edge", uri
+    if scheme in ("edge", "local", "qdrant"):
+        if not rest:
+            raise GalleryIndexError(f"index URI {uri!r} has no location after '{scheme}:'")
+        return scheme, rest
+    if scheme in ("http", "https"):
+        return "qdrant", uri
+    raise GalleryIndexError(
+        f"unknown index URI scheme {scheme!r} in {uri!r}: use edge:PATH, qdrant:URL, "
+        "local:PATH or local::memory:"
+    )
+
+
+def open_index(
+    uri: str = DEFAULT_URI,
+    name: str = "gallery",
+    *,
+    encoder_fingerprint: str | None = None,
+    preset: str | None = None,
+    fields: Mapping[str, FieldType] | None = None,
+    force: bool = False,
+    read_only: bool = False,
+    keep_versions: int = 3,
+    api_key: str | None = None,
+    shard_number: int = 1,
+    replication_factor: int = 1,
+    timeout: float = 30.0,
+    options: Mapping[str, Any] | None = None,
+) -> GalleryIndex:
+    """Open the index ``name`` at ``uri``.
+
+    ``encoder_fingerprint``: when given and the active version was built with another one,
+    raise ``ModelMismatchError`` (unless ``force``); also recorded in versions auto-created by
+    the first ``upsert`` (with ``preset`` and the declared ``fields``).
+    ``read_only``: the server's mode; the name must have an active version
+    (``IndexNotFoundError`` otherwise) and, on Edge, its shard is opened (and locked) at once,
+    so a shard owned by another process raises ``IndexInUseError`` here. Otherwise the active
+    shard is opened on first data call, so an indexer can build a new version while a server
+    owns the active one.
+    ``keep_versions``: old (inactive) versions kept after ``activate``.
+    ``api_key``/``shard_number``/``replication_factor``/``timeout``: Qdrant server backend.
+    ``options``: backend tuning (see docs/index.md), e.g. ``{"fast_recall": 0.99}``.
+    """
+    backend, location = parse_uri(uri)
+    common: dict[str, Any] = dict(
+        uri=uri,
+        name=name,
+        encoder_fingerprint=encoder_fingerprint,
+        preset=preset,
+        fields=dict(fields or {}),
+        force=force,
+        read_only=read_only,
+        keep_versions=keep_versions,
+        options=dict(options or {}),
+    )
+    if backend == "edge":
+        from retrieval.index.edge import EdgeGalleryIndex
+
+        return EdgeGalleryIndex(location, **common)
+    from retrieval.index.qdrant_server import QdrantGalleryIndex
+
+    return QdrantGalleryIndex(
+        location,
+        local=backend == "local",
+        api_key=api_key,
+        shard_number=shard_number,
+        replication_factor=replication_factor,
+        timeout=timeout,
+        **common,
+    )
+
+
+__all__ = [
+    "AUTO_FAST_MIN_POINTS",
+    "DEFAULT_URI",
+    "FIELD_TYPES",
+    "ID_KEY",
+    "MAX_TOP_K",
+    "SEARCH_MODES",
+    "FieldType",
+    "Filter",
+    "GalleryIndex",
+    "GalleryIndexError",
+    "Hit",
+    "IndexInUseError",
+    "IndexNotFoundError",
+    "IndexUnavailableError",
+    "IndexView",
+    "InvalidFilterError",
+    "InvalidQueryError",
+    "ModelMismatchError",
+    "Record",
+    "SearchMode",
+    "VersionHandle",
+    "VersionInfo",
+    "VersionMeta",
+    "open_index",
+    "parse_uri",
+]

@@ -1,0 +1,232 @@
+"""SPRC ("Sentence-level Prompts Benefit Composed Image Retrieval", ICLR 2024) on BLIP-2.
+
+One readable file for the forward pass, built on transformers' BLIP-2 modules so that real
+``Salesforce/blip2-itm-vit-g`` and LAVIS/SPRC weights load by key mapping (see convert.py).
+
+Shapes (B batch, T ViT tokens, C ViT width, Q queries, H Q-Former width, D embed dim, L text):
+  image_features(pixels [B,3,S,S])               -> [B, T, C]   ViT + ln_vision
+  target_features(image_embeds [B,T,C])          -> [B, Q, D]   normalised, one row per query
+  sentence_prompt(image_embeds, ids, mask)        -> [B, Q, H]   fusion pass query outputs
+  compose(prompt [B,Q,H], ids, mask)              -> [B, D]      normalised composed query
+  text_features(ids, mask)                        -> [B, D]      text-only ([CLS]) path
+  prompt_text_features(ids, mask)                 -> [B, D]      rtc path with prompt_tokens
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2VisionConfig
+from transformers.models.blip_2.modeling_blip_2 import (
+    Blip2QFormerModel,
+    Blip2TextEmbeddings,
+    Blip2VisionModel,
+)
+
+from retrieval.config import SPRCConfig
+
+
+def vision_config(cfg: SPRCConfig) -> Blip2VisionConfig:
+    return Blip2VisionConfig(
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=cfg.vision_intermediate_size,
+        num_hidden_layers=cfg.vision_num_layers,
+        num_attention_heads=cfg.vision_num_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        layer_norm_eps=cfg.vision_layer_norm_eps,
+        qkv_bias=True,
+        initializer_range=cfg.init_std,
+    )
+
+
+def qformer_config(cfg: SPRCConfig) -> Blip2QFormerConfig:
+    return Blip2QFormerConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.qformer_hidden_size,
+        num_hidden_layers=cfg.qformer_num_layers,
+        num_attention_heads=cfg.qformer_num_heads,
+        intermediate_size=cfg.qformer_intermediate_size,
+        hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_dropout_prob,
+        max_position_embeddings=cfg.max_position_embeddings,
+        layer_norm_eps=cfg.qformer_layer_norm_eps,
+        cross_attention_frequency=cfg.cross_attention_frequency,
+        encoder_hidden_size=cfg.vision_hidden_size,
+        # Without this the layers have no text feed-forward and text silently runs through the
+        # query FFN: SPRC's second pass needs the text FFN.
+        use_qformer_text_input=True,
+        initializer_range=cfg.init_std,
+    )
+
+
+@dataclass
+class SPRCLosses:
+    loss: torch.Tensor  # weighted sum, scalar
+    loss_itc: torch.Tensor  # composed query -> target contrastive
+    loss_rtc: torch.Tensor  # prompt_tokens text-only -> target contrastive
+    loss_align: torch.Tensor  # MSE(mean fusion prompt, mean prompt_tokens.detach())
+    logits: torch.Tensor  # [B, B] max-sim / temp of composed queries vs in-batch targets
+
+
+class SPRCModel(nn.Module):
+    """BLIP-2 ViT + Q-Former with SPRC's sentence-level prompt."""
+
+    def __init__(self, config: SPRCConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        q, h = config.num_query_tokens, config.qformer_hidden_size
+        self.vision_model = Blip2VisionModel(vision_config(config))
+        self.query_tokens = nn.Parameter(torch.zeros(1, q, h))
+        self.prompt_tokens = nn.Parameter(torch.zeros(1, q, h))  # SPRC only (loss_rtc/align)
+        self.embeddings = Blip2TextEmbeddings(qformer_config(config))
+        self.qformer = Blip2QFormerModel(qformer_config(config))
+        self.vision_projection = nn.Linear(h, config.embed_dim)
+        self.text_projection = nn.Linear(h, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(config.temp_init))
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """LAVIS-style init for from-scratch models: N(0, 0.02) weights, zero biases, unit
+        LayerNorms, N(0, 0.02) query/prompt tokens. transformers would leave ``query_tokens`` at
+        zero (all 32 outputs identical) and the ViT at std 1e-10."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        emb = self.vision_model.embeddings
+        for p in (emb.class_embedding, emb.position_embedding, self.query_tokens, self.prompt_tokens):
+            p.normal_(0.0, std, generator=generator)
+        self.temp.fill_(self.config.temp_init)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Non-persistent buffers (not in checkpoints): recreate after meta-device loading."""
+        pos = self.embeddings.position_ids
+        pos.copy_(torch.arange(pos.shape[-1], device=pos.device).expand_as(pos))
+
+    # --------------------------------------------------------------- encoders
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ViT -> ln_vision (transformers: post_layernorm on every token). [B, T, C]."""
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def _image_mask(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+
+    def target_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Query-only Q-Former pass with cross-attention. [B, Q, D], L2-normalised."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        out = self.qformer(
+            query_embeds=queries,
+            query_length=queries.shape[1],
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=self._image_mask(image_embeds),
+        ).last_hidden_state
+        return F.normalize(self.vision_projection(out), dim=-1)
+
+    def sentence_prompt(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Fusion pass: [queries; caption] attend to each other, queries cross-attend to the
+        reference image. Returns the Q query outputs (the sentence-level prompt). [B, Q, H]."""
+        b = image_embeds.shape[0]
+        queries = self.query_tokens.expand(b, -1, -1)
+        q = queries.shape[1]
+        embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
+        mask = torch.cat([torch.ones(b, q, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
+        out = self.qformer(
+            query_embeds=embeds,
+            query_length=q,  # explicit: queries use the query FFN + cross-attention, text does not
+            attention_mask=mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=self._image_mask(image_embeds),
+        ).last_hidden_state
+        return out[:, :q]
+
+    def compose(
+        self, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Second pass, no image: [prompt; caption] through the TEXT feed-forward everywhere
+        (query_length=0, as SPRC's no-image branch). Caption [CLS] at position Q -> text_proj.
+        [B, D], L2-normalised."""
+        b, q = prompt.shape[0], prompt.shape[1]
+        embeds = self.embeddings(input_ids=input_ids, query_embeds=prompt)
+        mask = torch.cat([torch.ones(b, q, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
+        out = self.qformer(query_embeds=embeds, query_length=0, attention_mask=mask).last_hidden_state
+        return F.normalize(self.text_projection(out[:, q]), dim=-1)
+
+    def composed_query(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Reference ViT features + caption -> composed query. [B, D]."""
+        return self.compose(self.sentence_prompt(image_embeds, input_ids, attention_mask), input_ids, attention_mask)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """BLIP-2's text path ([CLS] of a text-only pass). [B, D], L2-normalised."""
+        out = self.qformer(
+            query_embeds=self.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
+        ).last_hidden_state
+        return F.normalize(self.text_projection(out[:, 0]), dim=-1)
+
+    def prompt_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """loss_rtc path: layout [CLS, prompt_tokens x Q, caption tokens...], text FFN only,
+        text_proj of position 0. [B, D], L2-normalised."""
+        b = input_ids.shape[0]
+        text = self.embeddings(input_ids=input_ids)  # word + position embeddings
+        prompt = self.prompt_tokens.expand(b, -1, -1).to(text.dtype)
+        embeds = torch.cat([text[:, :1], prompt, text[:, 1:]], dim=1)
+        ones = torch.ones(b, prompt.shape[1], dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        out = self.qformer(query_embeds=embeds, query_length=0, attention_mask=mask).last_hidden_state
+        return F.normalize(self.text_projection(out[:, 0]), dim=-1)
+
+    # ---------------------------------------------------------------- training
+    @staticmethod
+    def max_sim(queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[B, D] x [N, Q, D] -> [B, N]: max over each target's Q vectors of the dot product."""
+        return torch.einsum("bd,nqd->bnq", queries, targets).amax(dim=-1)
+
+    def forward(
+        self,
+        reference_pixels: torch.Tensor,
+        target_pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        weights: tuple[float, float, float] = (1.0, 0.4, 0.4),
+    ) -> SPRCLosses:
+        """SPRC training losses for a batch of triplets (in-batch targets are the negatives).
+
+        ``weights`` = (itc, rtc, align): CIRR uses (1, 0.4, 0.4), FashionIQ (1, 1, 1).
+        """
+        ref = self.image_features(reference_pixels)
+        tgt = self.target_features(self.image_features(target_pixels))  # [B, Q, D]
+        labels = torch.arange(ref.shape[0], device=ref.device)
+
+        prompt = self.sentence_prompt(ref, input_ids, attention_mask)
+        query = self.compose(prompt, input_ids, attention_mask)
+        logits = self.max_sim(query, tgt) / self.temp
+        loss_itc = F.cross_entropy(logits, labels)
+
+        rtc_query = self.prompt_text_features(input_ids, attention_mask)
+        loss_rtc = F.cross_entropy(self.max_sim(rtc_query, tgt) / self.temp, labels)
+
+        loss_align = F.mse_loss(prompt.mean(dim=1), self.prompt_tokens.detach().mean(dim=1).expand(prompt.shape[0], -1))
+
+        w_itc, w_rtc, w_align = weights
+        loss = w_itc * loss_itc + w_rtc * loss_rtc + w_align * loss_align
+        return SPRCLosses(loss, loss_itc, loss_rtc, loss_align, logits)

@@ -1,0 +1,79 @@
+"""SPRC image preprocessing: TargetPad(1.25) -> bicubic resize -> center crop -> CLIP norm.
+
+Implemented with Pillow + numpy (no torchvision) so that it is cheap to pickle into DataLoader
+workers. ``ImagePreprocessor`` is a small callable: PIL image -> float tensor [3, S, S].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retrieval.config import SPRCConfig
+from retrieval.imageio import to_rgb
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    size: int  # output side in pixels (the model's image_size)
+    target_pad_ratio: float = 1.25  # pad to square only when max/min side >= this (SPRC TargetPad)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP mean
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)  # CLIP std
+
+    def target_pad(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if max(w, h) / min(w, h) < self.target_pad_ratio:
+            return image
+        scaled = max(w, h) / self.target_pad_ratio
+        hp = max(int((scaled - w) / 2), 0)
+        vp = max(int((scaled - h) / 2), 0)
+        if hp == 0 and vp == 0:
+            return image
+        out = Image.new(image.mode, (w + 2 * hp, h + 2 * vp), 0)
+        out.paste(image, (hp, vp))
+        return out
+
+    def resize_crop(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        s = self.size
+        if w <= h:
+            nw, nh = s, max(int(s * h / w), s)
+        else:
+            nw, nh = max(int(s * w / h), s), s
+        if (nw, nh) != (w, h):
+            image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+        left = int(round((nw - s) / 2.0))
+        top = int(round((nh - s) / 2.0))
+        return image.crop((left, top, left + s, top + s))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = self.resize_crop(self.target_pad(to_rgb(image)))
+        arr = np.asarray(image, dtype=np.float32) / 255.0  # [S, S, 3]
+        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def batch(self, images: list[Image.Image]) -> torch.Tensor:
+        """[N, 3, S, S] float32."""
+        return torch.stack([self(im) for im in images])
+
+    @classmethod
+    def from_config(cls, config: SPRCConfig) -> ImagePreprocessor:
+        return cls(
+            size=config.image_size,
+            target_pad_ratio=config.target_pad_ratio,
+            mean=config.image_mean,
+            std=config.image_std,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "size": self.size,
+            "target_pad_ratio": self.target_pad_ratio,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": "bicubic-shorter-side",
+            "crop": "center",
+        }

@@ -1,0 +1,322 @@
+"""SPRC training: the three SPRC losses, AdamW + warmup/cosine, checkpoints with exact resume.
+
+Run directory layout::
+
+    OUT/metrics.jsonl          one JSON line per logged step / validation
+    OUT/checkpoints/last/      model + optimizer + scheduler + RNG + position (exact resume)
+    OUT/model/                 the final Encoder checkpoint folder (config + safetensors + vocab)
+    OUT/train_config.json      the TrainConfig used
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retrieval.data.triplets import load_triplets, resolve_path
+from retrieval.encoder import Encoder, build_model, load_model_weights, resolve_device, set_threads
+from retrieval.config import get_config
+from retrieval.imageio import decode_image
+from retrieval.preprocess import ImagePreprocessor
+from retrieval.tokenization import QFormerTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str  # data dir with train.jsonl (+ val.jsonl and gallery.jsonl for validation)
+    out: str  # run directory
+    init: str = "sprc-small"  # preset (from scratch) or an Encoder checkpoint folder
+    epochs: int = 10  # passes over train.jsonl (ignored when max_steps > 0)
+    max_steps: int = 0  # total optimizer steps; 0 = epochs * steps_per_epoch
+    batch_size: int = 64  # triplets per step; in-batch targets are the negatives
+    lr: float = 1e-5  # peak learning rate (SPRC CIRR: 1e-5 for fine-tuning BLIP-2)
+    weight_decay: float = 0.05  # SPRC AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.98)  # SPRC AdamW betas
+    eps: float = 1e-7  # SPRC AdamW eps
+    warmup: float = 0.05  # fraction of steps with linear warmup, then cosine decay to 0
+    loss_weights: tuple[float, float, float] = (1.0, 0.4, 0.4)  # itc, rtc, align (CIRR)
+    train_vit: bool = False  # SPRC freezes the ViT; a from-scratch small model must train it
+    grad_clip: float = 1.0  # max global grad norm (0 disables)
+    save_every: int = 200  # checkpoint every N steps (and at the end / on the time budget)
+    log_every: int = 10  # metrics.jsonl every N steps
+    val_limit: int = 500  # val triplets per validation (0 = all)
+    val_gallery: int = 1500  # gallery size for validation (0 = full gallery)
+    validate: bool = True  # Recall@K on val at the end of each epoch
+    seed: int = 0  # model init, data order, dropout
+    time_budget_min: float = 0.0  # stop (and save) after this many minutes; 0 = none
+    limit: int = 0  # use only the first N train triplets (0 = all)
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # torch CPU threads (0 = default)
+    weights_dtype: str = "float32"  # dtype of the final model's stored weights
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes for the model card
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ImageBank:
+    """Every train image decoded once into uint8 [M, 3, S, S] (TargetPad + resize + crop);
+    normalisation happens per batch. 64 px renders: ~12 KB each."""
+
+    def __init__(self, data_dir: Path, paths: list[str], encoder_pre: Any) -> None:
+        self.index = {p: i for i, p in enumerate(paths)}
+        s = encoder_pre.size
+        self.data = torch.empty((len(paths), 3, s, s), dtype=torch.uint8)
+        for i, p in enumerate(tqdm(paths, desc="loading images", unit="img", mininterval=2)):
+            im = encoder_pre.resize_crop(encoder_pre.target_pad(decode_image(resolve_path(data_dir, p))))
+            self.data[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
+        self.mean = torch.tensor(encoder_pre.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(encoder_pre.std).view(1, 3, 1, 1)
+
+    def batch(self, paths: list[str]) -> torch.Tensor:
+        idx = torch.tensor([self.index[p] for p in paths])
+        return (self.data[idx].float() / 255.0 - self.mean) / self.std
+
+
+def lr_lambda(step: int, total: int, warmup: float) -> float:
+    """Linear warmup then cosine decay to zero (SPRC uses a one-cycle schedule)."""
+    w = max(1, int(total * warmup))
+    if step < w:
+        return (step + 1) / w
+    progress = min(1.0, (step - w) / max(1, total - w))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir = self.out / "checkpoints" / "last"
+        set_threads(cfg.num_threads or None)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+
+        init = Path(cfg.init)
+        if init.is_dir():
+            base = Encoder.from_pretrained(init)
+            self.model, self.tokenizer = base.model, base.tokenizer
+        else:
+            config = get_config(cfg.init)
+            self.model = build_model(config, seed=cfg.seed)
+            self.tokenizer = QFormerTokenizer.builtin(max_length=config.max_text_len)
+        self.model.to(self.device).float()
+        self.config = self.model.config
+        for p in self.model.vision_model.parameters():
+            p.requires_grad_(cfg.train_vit)
+        for p in self.model.vision_model.post_layernorm.parameters():  # ln_vision is trained
+            p.requires_grad_(True)
+
+        data_dir = Path(cfg.data)
+        self.data_dir = data_dir
+        triplets = [t for t in load_triplets(data_dir, "train") if t.target]
+        if cfg.limit:
+            triplets = triplets[: cfg.limit]
+        if len(triplets) < cfg.batch_size:
+            raise ValueError(f"{len(triplets)} train triplets < batch size {cfg.batch_size}")
+        self.triplets = triplets
+        pre = ImagePreprocessor.from_config(self.config)
+        paths = sorted({t.reference for t in triplets} | {t.target for t in triplets if t.target})
+        self.bank = ImageBank(data_dir, paths, pre)
+        self.steps_per_epoch = len(triplets) // cfg.batch_size
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, self.total_steps, cfg.warmup)
+        )
+        self.step = 0
+        self.best: dict[str, Any] = {}
+        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    # ---------------------------------------------------------------- state
+    def save_checkpoint(self) -> None:
+        tmp = self.ckpt_dir.with_name("last.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "rng": _rng_state(),
+                "best": self.best,
+                "config": self.config.to_dict(),
+            },
+            tmp / "state.pt",
+        )
+        old = self.ckpt_dir.with_name("last.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.ckpt_dir.exists():
+            os.replace(self.ckpt_dir, old)
+        os.replace(tmp, self.ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> bool:
+        path = self.ckpt_dir / "state.pt"
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.best = state.get("best", {})
+        _set_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _log(self, row: dict[str, Any]) -> None:
+        with (self.out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    # ----------------------------------------------------------------- loop
+    def batch_at(self, step: int) -> list[Any]:
+        """Deterministic batch for a global step: epoch permutation seeded by (seed, epoch)."""
+        epoch, b = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.triplets))
+        bs = self.cfg.batch_size
+        return [self.triplets[i] for i in perm[b * bs : (b + 1) * bs]]
+
+    def train_step(self, batch: list[Any]) -> dict[str, float]:
+        self.model.train()
+        if not self.cfg.train_vit:
+            self.model.vision_model.eval()
+        ref = self.bank.batch([t.reference for t in batch]).to(self.device)
+        tgt = self.bank.batch([t.target for t in batch]).to(self.device)
+        tok = self.tokenizer([t.caption for t in batch], device=self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(ref, tgt, tok.input_ids, tok.attention_mask, weights=self.cfg.loss_weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.temp.clamp_(0.001, 0.5)
+        return {
+            "loss": out.loss.item(),
+            "loss_itc": out.loss_itc.item(),
+            "loss_rtc": out.loss_rtc.item(),
+            "loss_align": out.loss_align.item(),
+        }
+
+    def encoder(self) -> Encoder:
+        return Encoder(self.model, self.tokenizer, device=self.device, dtype="float32")
+
+    def validate(self) -> dict[str, Any] | None:
+        if not (self.data_dir / "val.jsonl").is_file() or not (self.data_dir / "gallery.jsonl").is_file():
+            return None
+        from retrieval.evaluate import evaluate
+
+        was_training = self.model.training
+        res = evaluate(
+            self.encoder(),
+            self.data_dir,
+            "val",
+            limit=self.cfg.val_limit or None,
+            gallery_limit=self.cfg.val_gallery or None,
+            baselines=False,
+            progress=False,
+        )
+        self.model.train(was_training)
+        return res
+
+    def fit(self, resume: bool = True) -> dict[str, Any]:
+        if resume:
+            self.load_checkpoint()
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        deadline = t0 + cfg.time_budget_min * 60 if cfg.time_budget_min > 0 else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", mininterval=2)
+        stopped = "completed"
+        window: list[float] = []
+        last_log = time.perf_counter()
+        while self.step < self.total_steps:
+            losses = self.train_step(self.batch_at(self.step))
+            self.step += 1
+            window.append(losses["loss"])
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                sps = cfg.log_every / max(now - last_log, 1e-9)
+                last_log = now
+                bar.set_postfix(loss=f"{np.mean(window):.3f}", sps=f"{sps:.2f}")
+                window.clear()
+                self._log({"step": self.step, **losses, "lr": self.scheduler.get_last_lr()[0],
+                           "temp": float(self.model.temp.detach()), "elapsed_s": round(now - t0, 1)})
+            if cfg.validate and self.step % self.steps_per_epoch == 0:
+                res = self.validate()
+                if res:
+                    logger.info("epoch %d val R@1/5/10 %s", self.step // self.steps_per_epoch, res["recall"])
+                    self._log({"step": self.step, "epoch": self.step // self.steps_per_epoch, "val": res["recall"]})
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+            if deadline is not None and time.perf_counter() > deadline:
+                stopped = "time-budget"
+                break
+        bar.close()
+        self.save_checkpoint()
+        final = self.out / "model"
+        self.encoder().save_pretrained(final, weights_dtype=cfg.weights_dtype)
+        summary = {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "stopped": stopped,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "model_dir": str(final),
+            "train_triplets": len(self.triplets),
+        }
+        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def train(cfg: TrainConfig, resume: bool = True) -> dict[str, Any]:
+    return Trainer(cfg).fit(resume=resume)
+
+
+__all__ = ["TrainConfig", "Trainer", "train", "lr_lambda", "load_model_weights"]

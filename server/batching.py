@@ -1,0 +1,187 @@
+"""Dynamic micro-batching of concurrent queries on the event loop.
+
+Handlers ``submit`` validated queries; one batcher task takes up to ``max_batch`` of them, or
+whatever arrived within ``max_wait_s`` of the first one's arrival, drops the ones whose deadline
+passed or whose caller went away, and hands the batch to ``process`` (which runs the model in a
+worker thread and resolves the futures). Admission is bounded: beyond ``queue_size`` waiting
+queries ``submit`` raises :class:`QueueFullError` with a retry-after estimate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The queue cannot take the queries; retry after ``retry_after_ms``."""
+
+    def __init__(self, depth: int, capacity: int, retry_after_ms: int) -> None:
+        super().__init__(
+            f"server busy: {depth} queries queued (capacity {capacity}); "
+            f"retry after {retry_after_ms} ms"
+        )
+        self.retry_after_ms = retry_after_ms
+
+
+class BatcherClosedError(Exception):
+    """The batcher is stopping; no new work is accepted."""
+
+
+@dataclass
+class Job:
+    """One query waiting for the model."""
+
+    item: Any  # what ``process`` needs (a validated query)
+    deadline: float  # time.monotonic() after which the caller no longer waits
+    future: asyncio.Future[Any]
+    enqueued: float = field(default_factory=time.monotonic)
+    dispatched: float = 0.0  # when the batch it is in was handed to ``process``
+    batch_size: int = 0
+
+    def alive(self, now: float) -> bool:
+        return not self.future.done() and now < self.deadline
+
+
+class MicroBatcher:
+    """Collects jobs into batches. ``process(batch)`` must resolve every job's future."""
+
+    def __init__(
+        self,
+        process: Callable[[list[Job]], Awaitable[None]],
+        *,
+        max_batch: int = 16,
+        max_wait_s: float = 0.002,
+        queue_size: int = 256,
+        on_drop: Callable[[str, int], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self._process = process
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait_s = max(0.0, float(max_wait_s))
+        self.queue_size = max(1, int(queue_size))
+        self._on_drop = on_drop or (lambda reason, n: None)
+        self._on_depth = on_depth or (lambda n: None)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._per_query_s = 0.01  # moving average of processing time per query (retry-after)
+        self.batches = 0
+        self.dropped_expired = 0
+        self.dropped_cancelled = 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def depth(self) -> int:
+        """Queries admitted and not yet handed to ``process``."""
+        return len(self._queue)
+
+    def retry_after_ms(self) -> int:
+        """Rough time until the current queue has drained."""
+        est = self._per_query_s * max(1, self.depth) * 1000.0
+        return int(min(5000.0, max(20.0, est)))
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="cir-batcher")
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Refuse new work, let queued work finish (up to ``drain_timeout``), then stop."""
+        self._closed = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
+            except TimeoutError:
+                self._task.cancel()
+            self._task = None
+        for job in self._queue:  # anything left (timeout): the callers learn it
+            if not job.future.done():
+                job.future.set_exception(BatcherClosedError("server is shutting down"))
+        self._queue.clear()
+
+    # ------------------------------------------------------------------ admission
+    def submit(self, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Any]]:
+        """Queue ``items`` (all or none); returns one future per item."""
+        if self._closed or self._task is None:
+            raise BatcherClosedError("server is not accepting queries (starting or shutting down)")
+        if len(self._queue) + len(items) > self.queue_size:
+            raise QueueFullError(len(self._queue), self.queue_size, self.retry_after_ms())
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._queue.append(Job(item, deadline, fut))
+            futures.append(fut)
+        self._on_depth(len(self._queue))
+        assert self._wake is not None
+        self._wake.set()
+        return futures
+
+    # ------------------------------------------------------------------ the loop
+    async def _next_batch(self) -> list[Job]:
+        assert self._wake is not None
+        while not self._queue:
+            if self._closed:
+                return []
+            self._wake.clear()
+            await self._wake.wait()
+        first = self._queue[0]
+        until = first.enqueued + self.max_wait_s
+        while len(self._queue) < self.max_batch and not self._closed:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+        n = min(self.max_batch, len(self._queue))
+        return [self._queue.popleft() for _ in range(n)]
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                return  # closed and drained
+            self._on_depth(len(self._queue))
+            now = time.monotonic()
+            live = []
+            for job in batch:
+                if job.future.done():  # the caller went away (cancelled)
+                    self.dropped_cancelled += 1
+                    self._on_drop("cancelled", 1)
+                elif now >= job.deadline:  # nobody waits for it any more: skip the work
+                    self.dropped_expired += 1
+                    self._on_drop("deadline", 1)
+                    job.future.cancel()
+                else:
+                    job.dispatched = now
+                    live.append(job)
+            if not live:
+                continue
+            for job in live:
+                job.batch_size = len(live)
+            self.batches += 1
+            t0 = time.perf_counter()
+            try:
+                await self._process(live)
+            except Exception as exc:  # process should resolve futures itself; never die here
+                logger.exception("batch processing failed")
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            per_query = (time.perf_counter() - t0) / len(live)
+            self._per_query_s = 0.8 * self._per_query_s + 0.2 * per_query

@@ -1,0 +1,163 @@
+"""``cir serve`` (the gRPC server) and ``cir search`` (a query from the shell)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_cmd)
+    app.command("search")(search_cmd)
+
+
+def serve_cmd(
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML or YAML file with settings (flags > CIR_* env > file)."
+    ),
+    model: str | None = typer.Option(None, "--model", help="Checkpoint folder or preset name."),
+    index: str | None = typer.Option(
+        None, "--index", help="Index URI: edge:PATH | qdrant:URL | local:PATH."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Index name at the URI."),
+    host: str | None = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="gRPC port (default 50051; 0: any)."),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Prometheus port (default 9095; 0: off)."
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu | cuda | auto"),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | auto"),
+    num_threads: int | None = typer.Option(None, "--num-threads", help="Torch CPU threads."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Largest micro-batch."),
+    max_wait_ms: float | None = typer.Option(
+        None, "--max-wait-ms", help="Longest wait for a batch to fill after its first query."
+    ),
+    no_batching: bool = typer.Option(
+        False, "--no-batching", help="One query per model call (same as --max-batch 1)."
+    ),
+    queue_size: int | None = typer.Option(
+        None, "--queue-size", help="Queued queries before RESOURCE_EXHAUSTED."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", help="Require this API key (prefer CIR_API_KEY in the environment)."
+    ),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate chain."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key."),
+    refresh_interval_s: float | None = typer.Option(
+        None, "--refresh-interval-s", help="Poll for a newly activated index version (0: off)."
+    ),
+    force: bool | None = typer.Option(
+        None, "--force/--no-force", help="Serve even if the index was built by another model."
+    ),
+    log_format: str | None = typer.Option(None, "--log-format", help="json | text"),
+) -> None:
+    """Serve composed search over a gallery index with gRPC (grpc.aio)."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from server import logs
+    from server.app import serve
+    from server.config import load_settings
+
+    flags: dict[str, Any] = dict(
+        model=model,
+        index=index,
+        name=name,
+        host=host,
+        port=port,
+        metrics_port=metrics_port,
+        device=device,
+        dtype=dtype,
+        num_threads=num_threads,
+        max_batch=1 if no_batching else max_batch,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        api_key=api_key,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        refresh_interval_s=refresh_interval_s,
+        force=force,
+        log_format=log_format,
+    )
+    try:
+        settings = load_settings(config, **flags)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"cir serve: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logs.configure(settings.log_format, logging.getLogger().level or logging.INFO)
+    code = asyncio.run(serve(settings))
+    raise typer.Exit(code)
+
+
+def search_cmd(
+    server: str = typer.Option("127.0.0.1:50051", "--server", help="host:port of `cir serve`."),
+    image: Path | None = typer.Option(None, "--image", help="Reference image file."),
+    id: str | None = typer.Option(None, "--id", help="Reference gallery id."),
+    text: str = typer.Option(..., "--text", help="Modification text."),
+    top_k: int = typer.Option(10, "--top-k", help="Number of results."),
+    offset: int = typer.Option(0, "--offset", help="Results to skip."),
+    mode: str = typer.Option("auto", "--mode", help="auto | exact | fast"),
+    filter: str | None = typer.Option(
+        None, "--filter", help='Payload filter as JSON, e.g. \'{"category": "bag"}\'.'
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="CIR_API_KEY", help="API key (or CIR_API_KEY)."
+    ),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", help="CA/certificate PEM to trust."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Deadline in seconds."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Send one composed query to a running server and print the ranked hits."""
+    from server.client import CIRClient, CIRError, parse_filter
+
+    if (image is None) == (id is None):
+        typer.echo("cir search: give exactly one of --image PATH or --id ID", err=True)
+        raise typer.Exit(2)
+    if image is not None and not image.is_file():
+        typer.echo(f"cir search: {image} is not a file", err=True)
+        raise typer.Exit(2)
+    try:
+        flt = parse_filter(filter)
+        with CIRClient(server, api_key=api_key, tls_ca=tls_ca, timeout=timeout) as client:
+            res = client.search(
+                text,
+                reference_image=image.read_bytes() if image is not None else None,
+                reference_id=id,
+                top_k=top_k,
+                offset=offset,
+                filter=flt,
+                mode=mode,  # type: ignore[arg-type]
+            )
+    except CIRError as exc:
+        typer.echo(f"cir search: {exc.code.name}: {exc.details}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        out = {
+            "results": [
+                {"rank": h.rank, "id": h.id, "score": h.score, "payload": h.payload}
+                for h in res.results
+            ],
+            "index_version": res.index_version,
+            "encoder_fingerprint": res.encoder_fingerprint,
+            "timings": res.timings,
+            "request_id": res.request_id,
+        }
+        json.dump(out, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    typer.echo(
+        f"{len(res.results)} results from index {res.index_version} "
+        f"({res.timings.get('total_ms', 0.0):.1f} ms on the server)"
+    )
+    for h in res.results:
+        extra = {k: v for k, v in h.payload.items() if k not in ("path", "sha256")}
+        summary = json.dumps(extra, default=str)[:80] if extra else ""
+        typer.echo(f"{h.rank:>4}  {h.score:8.4f}  {h.id}  {summary}")

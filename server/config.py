@@ -1,0 +1,166 @@
+"""Server configuration: flags > environment (``CIR_*``) > config file (TOML/YAML) > defaults.
+
+    settings = load_settings("server.toml", port=6000)      # flags are keyword arguments
+    CIR_PORT=6000 CIR_API_KEYS='["k1","k2"]' cir serve ...
+
+A config file holds the same field names at top level (or under a ``[server]`` table).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "cir_server_config_file", default=None
+)
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``cir serve`` can be told. See docs/api.md for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="CIR_", extra="forbid", validate_default=True)
+
+    # --- what to serve
+    model: str = "models/sprc-shapes"  # checkpoint folder or preset name (tiny, sprc-small, ...)
+    index: str = "edge:data/index"  # index URI: edge:PATH | qdrant:URL | local:PATH
+    name: str = "gallery"  # index name at that URI
+    force: bool = False  # serve even if the index was built by another encoder (fingerprint)
+    index_api_key: str | None = None  # API key of a Qdrant server backend
+    image_root: Path | None = None  # base folder for relative payload paths (originals)
+
+    # --- network
+    host: str = "127.0.0.1"  # bind address ("0.0.0.0" for all interfaces)
+    port: int = Field(50051, ge=0, le=65535)  # gRPC port (0: pick a free one)
+    metrics_port: int = Field(9095, ge=0, le=65535)  # Prometheus /metrics port (0: disabled)
+    metrics_host: str = "127.0.0.1"  # Prometheus bind address
+    max_message_bytes: int = Field(32 * MiB, ge=MiB)  # gRPC send/receive message limit
+    api_key: str | None = None  # one accepted API key (x-api-key / Bearer); unset: no auth
+    api_keys: list[str] = Field(default_factory=list)  # more accepted keys (rotation)
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key enables TLS
+    tls_key: Path | None = None  # PEM private key
+
+    # --- model runtime
+    device: str = "cpu"  # cpu | cuda | auto
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads (None: torch default)
+
+    # --- batching and admission
+    max_batch: int = Field(16, ge=1, le=1024)  # largest micro-batch (1 disables batching)
+    max_wait_ms: float = Field(2.0, ge=0.0, le=10_000.0)  # wait after the first query of a batch
+    queue_size: int = Field(256, ge=1)  # queued queries beyond which RESOURCE_EXHAUSTED
+    max_batch_queries: int = Field(64, ge=1)  # queries per SearchBatch call
+    default_timeout_s: float = Field(30.0, gt=0)  # deadline for calls that set none
+
+    # --- request limits
+    max_image_bytes: int = Field(10 * MiB, ge=1)  # reference image size before decoding
+    max_image_pixels: int = Field(36_000_000, ge=1)  # reference image width*height
+    max_text_chars: int = Field(1000, ge=1)  # longest accepted text (characters)
+    max_top_k: int = Field(1000, ge=1, le=1000)  # largest top_k
+    max_offset: int = Field(9000, ge=0, le=9999)  # largest offset (offset+top_k <= 10000)
+    max_page_size: int = Field(500, ge=1, le=1000)  # ListImages page size limit
+
+    # --- caches, refresh, shutdown
+    feature_cache_size: int = Field(2048, ge=0)  # gallery reference ViT features kept (0: off)
+    feature_cache_mb: float = Field(512.0, ge=0)  # byte bound of that cache
+    refresh_interval_s: float = Field(2.0, ge=0)  # poll for a newly activated version (0: off)
+    grace_s: float = Field(15.0, ge=0)  # SIGTERM: time in-flight requests get to finish
+    log_format: Literal["json", "text"] = "json"  # structured (JSON lines) or plain logs
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):  # "k1,k2" from a flag or a plain env value
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    @property
+    def keys(self) -> list[str]:
+        """All accepted API keys (empty: authentication off)."""
+        keys = list(self.api_keys)
+        if self.api_key:
+            keys.insert(0, self.api_key)
+        return [k for k in keys if k]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(_FileSource(settings_cls, path))
+        return tuple(sources)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """A TOML or YAML file (by extension); keys at top level or under ``server``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls)
+        self.data = read_config_file(path)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML (.toml) or YAML (.yaml/.yml) config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() == ".toml":
+        import tomllib
+
+        data: Any = tomllib.loads(text)
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"config file {path}: use .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a table/mapping at top level")
+    if isinstance(data.get("server"), dict):
+        data = data["server"]
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(config_file: str | Path | None = None, **flags: Any) -> ServerSettings:
+    """Settings from ``flags`` (None values are ignored) > env > ``config_file`` > defaults."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    token = _CONFIG_FILE.set(Path(config_file) if config_file else None)
+    try:
+        return ServerSettings(**given)
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+__all__ = ["ServerSettings", "load_settings", "read_config_file"]

@@ -1,0 +1,453 @@
+"""The model + index side of the server: validated queries in, vectors and hits out.
+
+Everything here that touches torch or the index is synchronous and runs in worker threads:
+one dedicated inference thread (torch releases the GIL), and a small pool for decoding,
+index lookups, searches and file reads. The event loop only routes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.config import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+#: Payload keys that hold a thumbnail (never returned in payloads; served by GetImage).
+THUMBNAIL_KEYS = ("thumbnail", "thumbnail_b64", "thumbnail_path")
+#: Payload keys that hold the original image's location, in order of preference.
+PATH_KEYS = ("path", "file", "uri", "source")
+#: Gallery browsing goes deeper than search pagination: exact scan, bounded by the index.
+MAX_BROWSE_DEPTH = 10_000
+
+
+class RequestError(Exception):
+    """A request the server must refuse; ``code`` is a ``grpc.StatusCode`` name."""
+
+    def __init__(self, code: str, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+@dataclass
+class Query:
+    """A validated query, ready for the batcher."""
+
+    text: str
+    image: Any = None  # decoded PIL reference image (needs ViT features)
+    features: Any = None  # cached reference ViT features [T, C] (torch)
+    cache_key: str | None = None  # store computed features under this key
+    top_k: int = 10
+    offset: int = 0
+    filter: dict[str, Any] | None = None
+    mode: str = "auto"
+    include_payload: bool = True
+    search: bool = True  # False: EncodeQuery (vector only)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.image is not None or self.features is not None
+
+    def group_key(self) -> tuple[Any, ...]:
+        flt = json.dumps(self.filter, sort_keys=True) if self.filter else ""
+        return (self.top_k, self.offset, flt, self.mode)
+
+
+class FeatureCache:
+    """LRU of reference ViT features per gallery image, bounded by entries and bytes."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._data: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _size(t: Any) -> int:
+        return int(t.numel() * t.element_size())
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            t = self._data.get(key)
+            if t is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return t
+
+    def put(self, key: str, t: Any) -> None:
+        if self.max_entries <= 0 or self._size(t) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= self._size(old)
+            self._data[key] = t
+            self._bytes += self._size(t)
+            while self._data and (
+                len(self._data) > self.max_entries or self._bytes > self.max_bytes
+            ):
+                _, ev = self._data.popitem(last=False)
+                self._bytes -= self._size(ev)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+def sniff_mime(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:2] == b"BM":
+        return "image/bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "image/tiff"
+    return "application/octet-stream"
+
+
+def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """A payload as clients see it (thumbnails are served by GetImage only)."""
+    return {k: v for k, v in payload.items() if k not in THUMBNAIL_KEYS}
+
+
+class Engine:
+    """Owns the encoder, the index and the feature cache. Thread-safe where it needs to be."""
+
+    def __init__(self, settings: ServerSettings, encoder: Any, index: Any) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        self.index = index
+        self.cache = FeatureCache(
+            settings.feature_cache_size, int(settings.feature_cache_mb * 1024 * 1024)
+        )
+        self._fields: dict[str, str] | None = None
+        self._fields_version: str | None = None
+
+    # ------------------------------------------------------------------ index facts
+    @property
+    def version(self) -> str:
+        return str(self.index.active_version or "")
+
+    def fields(self) -> dict[str, str]:
+        """Declared filterable fields of the active version (cached per version)."""
+        v = self.version
+        if self._fields is None or self._fields_version != v:
+            self._fields = dict(self.index.declared_fields())
+            self._fields_version = v
+        return self._fields
+
+    # ------------------------------------------------------------------ admission (io pool)
+    def check_filter(self, flt: dict[str, Any] | None) -> None:
+        """Early, clear INVALID_ARGUMENT for filters the index would refuse."""
+        if not flt:
+            return
+        from retrieval.index import InvalidFilterError
+        from retrieval.index.common import parse_filter
+
+        try:
+            parse_filter(flt, self.fields())
+        except InvalidFilterError as exc:
+            raise RequestError("INVALID_ARGUMENT", f"filter: {exc}") from None
+
+    def decode_reference(self, data: bytes) -> Any:
+        """Reference image bytes -> PIL RGB, or INVALID_ARGUMENT saying what is wrong."""
+        from retrieval.imageio import ImageDecodeError, decode_image
+
+        s = self.settings
+        if len(data) > s.max_image_bytes:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"reference_image is {len(data)} bytes; the limit is {s.max_image_bytes} bytes",
+            )
+        try:
+            return decode_image(data, max_pixels=s.max_image_pixels)
+        except ImageDecodeError as exc:
+            hint = {
+                "too-many-pixels": f" (limit {s.max_image_pixels} pixels)",
+                "decompression-bomb": " (refused as a decompression bomb)",
+            }.get(exc.reason, "")
+            detail = "" if exc.reason == "not-an-image" else f": {exc.detail}"
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"reference_image cannot be used ({exc.reason}){detail}{hint}",
+            ) from None
+
+    def record(self, item_id: str) -> Any:
+        """The gallery record for ``item_id`` or NOT_FOUND."""
+        if not item_id:
+            raise RequestError("INVALID_ARGUMENT", "id is empty")
+        recs = self.index.get([item_id])
+        if not recs:
+            raise RequestError(
+                "NOT_FOUND",
+                f"gallery id {item_id!r} is not in index {self.index.name!r} "
+                f"(version {self.version})",
+            )
+        return recs[0]
+
+    def gallery_reference(self, item_id: str) -> tuple[Any, Any, str]:
+        """(cached features or None, decoded image or None, cache key) for a gallery id."""
+        rec = self.record(item_id)
+        payload = rec.payload or {}
+        key = f"{item_id}@{payload.get('sha256') or self.version}"
+        feats = self.cache.get(key)
+        if feats is not None:
+            return feats, None, key
+        data = self.read_original(item_id, payload, missing_ok=True)
+        if data is None:
+            data = self.read_thumbnail(payload)
+        if data is None:
+            raise RequestError(
+                "NOT_FOUND",
+                f"gallery id {item_id!r} has no readable image (original file missing and no "
+                "thumbnail in its payload)",
+            )
+        from retrieval.imageio import ImageDecodeError, decode_image
+
+        try:
+            image = decode_image(data, max_pixels=self.settings.max_image_pixels)
+        except ImageDecodeError as exc:
+            raise RequestError(
+                "FAILED_PRECONDITION", f"gallery image {item_id!r} cannot be decoded: {exc}"
+            ) from None
+        return None, image, key
+
+    # ------------------------------------------------------------------ images (io pool)
+    def _resolve(self, location: str) -> Path | None:
+        if "://" in location:
+            if not location.startswith("file://"):
+                return None  # remote originals are not fetched by the server
+            location = location[len("file://") :]
+        p = Path(location)
+        if not p.is_absolute() and self.settings.image_root is not None:
+            p = self.settings.image_root / p
+        return p
+
+    def read_thumbnail(self, payload: dict[str, Any]) -> bytes | None:
+        """Thumbnail bytes from the payload: base64 (optionally a data: URI) or a file path."""
+        for key in THUMBNAIL_KEYS:
+            value = payload.get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            text = value
+            if text.startswith("data:"):
+                text = text.partition(",")[2]
+            if key != "thumbnail_path":
+                try:
+                    data = base64.b64decode(text, validate=True)
+                    if sniff_mime(data) != "application/octet-stream":
+                        return data
+                except (binascii.Error, ValueError):
+                    pass
+            p = self._resolve(value)
+            if p is not None and p.is_file():
+                return p.read_bytes()
+        return None
+
+    def read_original(
+        self, item_id: str, payload: dict[str, Any], missing_ok: bool = False
+    ) -> bytes | None:
+        """The original file named by the payload (never by the request)."""
+        location = next(
+            (payload[k] for k in PATH_KEYS if isinstance(payload.get(k), str) and payload[k]),
+            None,
+        )
+        if location is None:
+            if missing_ok:
+                return None
+            raise RequestError("NOT_FOUND", f"gallery id {item_id!r} has no original image path")
+        p = self._resolve(location)
+        if p is None:
+            if missing_ok:
+                return None
+            raise RequestError(
+                "FAILED_PRECONDITION",
+                f"the original of {item_id!r} is stored at a non-local location the server "
+                "does not fetch",
+            )
+        if not p.is_file():
+            if missing_ok:
+                return None
+            raise RequestError(
+                "NOT_FOUND", f"the original image file of {item_id!r} is missing on the server"
+            )
+        size = p.stat().st_size
+        limit = self.settings.max_message_bytes - 64 * 1024
+        if size > limit:
+            if missing_ok:
+                return None
+            raise RequestError(
+                "RESOURCE_EXHAUSTED",
+                f"the original of {item_id!r} is {size} bytes, over the {limit}-byte message limit",
+            )
+        return p.read_bytes()
+
+    def get_image(self, item_id: str, kind: str) -> tuple[bytes, str, int, int]:
+        rec = self.record(item_id)
+        payload = rec.payload or {}
+        if kind == "original":
+            data = self.read_original(item_id, payload)
+            assert data is not None
+            w = h = 0
+        else:
+            thumb = self.read_thumbnail(payload)
+            if thumb is None:
+                raise RequestError("NOT_FOUND", f"gallery id {item_id!r} has no thumbnail")
+            data = thumb
+            w = h = 0
+        try:
+            import io
+
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except Exception:  # size is informative only
+            pass
+        return data, sniff_mime(data), int(w), int(h)
+
+    # ------------------------------------------------------------------ inference thread
+    def encode(self, queries: list[Query]) -> tuple[np.ndarray, dict[str, float]]:
+        """Vectors [N, D] for a batch (reference + text, or text only)."""
+        import torch
+
+        enc = self.encoder
+        out = np.zeros((len(queries), enc.dim), np.float32)
+        t_ref = t_enc = 0.0
+        with_ref = [i for i, q in enumerate(queries) if q.has_reference]
+        text_only = [i for i, q in enumerate(queries) if not q.has_reference]
+        if with_ref:
+            t0 = time.perf_counter()
+            need = [i for i in with_ref if queries[i].features is None]
+            if need:
+                feats = enc.reference_features([queries[i].image for i in need])
+                for j, i in enumerate(need):
+                    q = queries[i]
+                    q.features = feats[j]
+                    q.image = None
+                    q.timings["reference_cached"] = 0.0
+                    if q.cache_key is not None:
+                        self.cache.put(q.cache_key, feats[j].detach().clone())
+            t1 = time.perf_counter()
+            stacked = torch.stack([queries[i].features for i in with_ref])
+            vecs = enc.encode_queries(
+                None,
+                [queries[i].text for i in with_ref],
+                ref_features=stacked,
+                batch_size=max(1, len(with_ref)),
+            )
+            out[with_ref] = vecs
+            t_ref, t_enc = t1 - t0, time.perf_counter() - t1
+        if text_only:
+            t0 = time.perf_counter()
+            out[text_only] = enc.encode_texts(
+                [queries[i].text for i in text_only], batch_size=max(1, len(text_only))
+            )
+            t_enc += time.perf_counter() - t0
+        return out, {"reference_ms": t_ref * 1000.0, "encode_ms": t_enc * 1000.0}
+
+    # ------------------------------------------------------------------ search (io pool)
+    def search(
+        self, vectors: np.ndarray, queries: list[Query]
+    ) -> tuple[list[list[Any] | RequestError], str, float]:
+        """Hits per query (or the error for that query's group), the version, search ms."""
+        from retrieval.index import (
+            GalleryIndexError,
+            IndexNotFoundError,
+            IndexUnavailableError,
+            InvalidFilterError,
+            InvalidQueryError,
+        )
+
+        t0 = time.perf_counter()
+        version = self.version
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(q.group_key(), []).append(i)
+        results: list[list[Any] | RequestError] = [[] for _ in queries]
+        for idx in groups.values():
+            q = queries[idx[0]]
+            try:
+                if len(idx) == 1:
+                    hits = [self.index.search(vectors[idx[0]], q.top_k, q.offset, q.filter, q.mode)]
+                else:
+                    hits = self.index.search_batch(
+                        vectors[idx], q.top_k, q.offset, q.filter, q.mode
+                    )
+                for i, h in zip(idx, hits, strict=True):
+                    results[i] = h
+            except (InvalidFilterError, InvalidQueryError) as exc:
+                for i in idx:
+                    results[i] = RequestError("INVALID_ARGUMENT", str(exc))
+            except IndexUnavailableError as exc:
+                for i in idx:
+                    results[i] = RequestError("UNAVAILABLE", f"index unavailable: {exc}")
+            except IndexNotFoundError as exc:
+                for i in idx:
+                    results[i] = RequestError("UNAVAILABLE", f"index not found: {exc}")
+            except GalleryIndexError as exc:
+                logger.exception("index search failed")
+                for i in idx:
+                    results[i] = RequestError("INTERNAL", f"index error: {exc}")
+        return results, version, (time.perf_counter() - t0) * 1000.0
+
+    # ------------------------------------------------------------------ browsing (io pool)
+    def list_images(
+        self, page_size: int, offset: int, seed: int | None
+    ) -> tuple[list[Any], int | None, int]:
+        """A page of the gallery (or a seeded sample): (records, next offset, total).
+
+        The index API has no scroll yet, so pages come from an exact scan ordered by a fixed
+        probe vector (stable across pages of one version); a seeded random probe gives a
+        sample. Browsing is bounded to the first ``MAX_BROWSE_DEPTH`` items.
+        """
+        total = int(self.index.count())
+        if total == 0:
+            return [], None, 0
+        dim = int(self.encoder.dim)
+        rng = np.random.default_rng(0 if seed is None else int(seed) + 1)
+        probe = rng.standard_normal(dim).astype(np.float32)
+        if seed is not None:
+            n = min(page_size, total)
+            hits = self.index.search(probe, top_k=n, offset=0, mode="exact")
+            return hits, None, total
+        if offset >= total:
+            return [], None, total
+        depth = min(total, MAX_BROWSE_DEPTH)
+        if offset >= depth:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"offset {offset} is beyond the browsable depth {depth} (use random_seed to "
+                "sample a larger gallery)",
+            )
+        n = min(page_size, depth - offset)
+        hits = self.index.search(probe, top_k=n, offset=offset, mode="exact")
+        nxt = offset + len(hits)
+        return hits, (nxt if nxt < depth and hits else None), total

@@ -1,0 +1,485 @@
+"""``cir.v1.SearchService`` on grpc.aio: validation, admission, batching, responses.
+
+Each RPC runs through :func:`_rpc`, which assigns the request id, maps errors to status codes,
+records metrics and writes one structured log line per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from server import __version__
+from server._generated.cir.v1 import search_pb2 as pb
+from server._generated.cir.v1 import search_pb2_grpc as pb_grpc
+from server.batching import BatcherClosedError, Job, MicroBatcher, QueueFullError
+from server.engine import Engine, Query, RequestError, public_payload
+from server.metrics import Metrics
+from server.protoconv import MODE_NAMES, dict_to_struct, struct_to_dict
+
+logger = logging.getLogger(__name__)
+access_log = logging.getLogger("server.access")
+
+T = TypeVar("T")
+DEFAULT_TOP_K = 10
+DEFAULT_PAGE_SIZE = 50
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == "x-request-id":
+            value = v.decode() if isinstance(v, bytes) else str(v)
+            if 0 < len(value) <= 64 and value.isprintable():
+                return value
+    return uuid.uuid4().hex[:16]
+
+
+def _rpc(method: str) -> Callable[..., Any]:
+    """Wrap an RPC implementation ``fn(self, request, context, rid)``."""
+
+    def deco(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(fn)
+        async def wrapper(self: SearchService, request: Any, context: Any) -> Any:
+            rid = _request_id(context)
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            message = ""
+            m = self.metrics
+            m.inflight.inc()
+            try:
+                if not self.ready:
+                    raise RequestError(
+                        "UNAVAILABLE", "server is not ready (loading, or shutting down)"
+                    )
+                resp = await fn(self, request, context, rid)
+                context.set_trailing_metadata((("x-request-id", rid),))
+                return resp
+            except RequestError as exc:
+                code = grpc.StatusCode[exc.code]
+                message = exc.message
+                trailing: list[tuple[str, str]] = [("x-request-id", rid)]
+                if exc.retry_after_ms is not None:
+                    trailing.append(("retry-after-ms", str(exc.retry_after_ms)))
+                await context.abort(code, message, trailing_metadata=tuple(trailing))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                if type(exc).__name__ == "AbortError":  # raised by context.abort itself
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                message = f"internal error (request id {rid})"
+                logger.exception("unhandled error in %s", method, extra={"request_id": rid})
+                await context.abort(code, message, trailing_metadata=(("x-request-id", rid),))
+            finally:
+                elapsed = time.perf_counter() - t0
+                m.inflight.dec()
+                m.requests.labels(method, code.name).inc()
+                m.latency.labels(method).observe(elapsed)
+                level = logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
+                if code == grpc.StatusCode.INTERNAL:
+                    level = logging.ERROR
+                access_log.log(
+                    level,
+                    "%s %s %.1fms%s",
+                    method,
+                    code.name,
+                    elapsed * 1000.0,
+                    f" {message}" if message else "",
+                    extra={
+                        "request_id": rid,
+                        "method": method,
+                        "code": code.name,
+                        "ms": round(elapsed * 1000.0, 2),
+                    },
+                )
+
+        return wrapper
+
+    return deco
+
+
+class SearchService(pb_grpc.SearchServiceServicer):
+    """The servicer. ``engine`` is None until the model and index are loaded."""
+
+    def __init__(self, settings: Any, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.ready = False
+        self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="cir-infer")
+        self.io_pool = ThreadPoolExecutor(4, thread_name_prefix="cir-io")
+        self.batcher = MicroBatcher(
+            self._process,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            queue_size=settings.queue_size,
+            on_drop=lambda reason, n: metrics.dropped.labels(reason).inc(n),
+            on_depth=metrics.queue_depth.set,
+        )
+        self._search_tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.batcher.start()
+        self.ready = True
+
+    async def drain(self, timeout: float) -> None:
+        """Finish queued work and in-flight searches (after the gRPC server stopped)."""
+        self.ready = False
+        await self.batcher.stop(timeout)
+        if self._search_tasks:
+            await asyncio.wait(list(self._search_tasks), timeout=timeout)
+        self.infer_pool.shutdown(wait=True, cancel_futures=True)
+        self.io_pool.shutdown(wait=True, cancel_futures=True)
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    @property
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RequestError("UNAVAILABLE", "server is not ready (model or index loading)")
+        return self.engine
+
+    # ------------------------------------------------------------------ validation
+    def _deadline(self, context: Any) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            remaining = self.settings.default_timeout_s
+        return time.monotonic() + max(0.0, float(remaining))
+
+    def _check_text(self, text: str, where: str = "") -> str:
+        s = self.settings
+        if not text or not text.strip():
+            raise RequestError("INVALID_ARGUMENT", f"{where}text is empty")
+        if len(text) > s.max_text_chars:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"{where}text is {len(text)} characters; the limit is {s.max_text_chars}",
+            )
+        return text.strip()
+
+    async def _reference(self, q: Query, request: Any, where: str = "") -> None:
+        """Decode the reference image / look up the gallery reference into ``q``."""
+        engine = self._engine
+        which = request.WhichOneof("reference")
+        t0 = time.perf_counter()
+        try:
+            if which == "reference_image":
+                q.image = await self._io(engine.decode_reference, bytes(request.reference_image))
+            elif which == "reference_id":
+                feats, image, key = await self._io(engine.gallery_reference, request.reference_id)
+                q.features, q.image, q.cache_key = feats, image, key
+                q.timings["reference_cached"] = 1.0 if feats is not None else 0.0
+                self.metrics.cache.labels("hit" if feats is not None else "miss").inc()
+        except RequestError as exc:
+            raise RequestError(exc.code, where + exc.message, exc.retry_after_ms) from None
+        q.timings["decode_ms"] = (time.perf_counter() - t0) * 1000.0
+        self.metrics.stage.labels("decode").observe(q.timings["decode_ms"] / 1000.0)
+
+    async def _search_query(self, request: pb.SearchRequest, where: str = "") -> Query:
+        s = self.settings
+        text = self._check_text(request.text, where)
+        top_k = int(request.top_k) or DEFAULT_TOP_K
+        if top_k > s.max_top_k:
+            raise RequestError(
+                "INVALID_ARGUMENT", f"{where}top_k must be in [1, {s.max_top_k}], got {top_k}"
+            )
+        offset = int(request.offset)
+        if offset > s.max_offset:
+            raise RequestError(
+                "INVALID_ARGUMENT", f"{where}offset must be in [0, {s.max_offset}], got {offset}"
+            )
+        if int(request.mode) not in MODE_NAMES:
+            raise RequestError("INVALID_ARGUMENT", f"{where}unknown mode {int(request.mode)}")
+        flt: dict[str, Any] | None = None
+        which = request.WhichOneof("filter_spec")
+        if which == "filter_json":
+            raw = request.filter_json.strip()
+            if raw:
+                try:
+                    value = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise RequestError(
+                        "INVALID_ARGUMENT", f"{where}filter_json is not valid JSON: {exc}"
+                    ) from None
+                if not isinstance(value, dict):
+                    raise RequestError(
+                        "INVALID_ARGUMENT",
+                        f"{where}filter_json must be a JSON object, got {type(value).__name__}",
+                    )
+                flt = value or None
+        elif which == "filter":
+            flt = struct_to_dict(request.filter) or None
+        try:
+            self._engine.check_filter(flt)
+        except RequestError as exc:
+            raise RequestError(exc.code, where + exc.message) from None
+        q = Query(
+            text=text,
+            top_k=top_k,
+            offset=offset,
+            filter=flt,
+            mode=MODE_NAMES[int(request.mode)],
+            include_payload=(
+                request.include_payload if request.HasField("include_payload") else True
+            ),
+        )
+        await self._reference(q, request, where)
+        return q
+
+    # ------------------------------------------------------------------ batching
+    def _submit(self, queries: list[Query], deadline: float) -> list[asyncio.Future[Any]]:
+        try:
+            return self.batcher.submit(queries, deadline)
+        except QueueFullError as exc:
+            raise RequestError("RESOURCE_EXHAUSTED", str(exc), exc.retry_after_ms) from None
+        except BatcherClosedError as exc:
+            raise RequestError("UNAVAILABLE", str(exc)) from None
+
+    async def _await_all(self, futures: list[asyncio.Future[Any]], deadline: float) -> list[Any]:
+        remaining = deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.0, remaining)):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            for f in futures:
+                f.cancel()  # the batcher skips cancelled work
+            raise RequestError(
+                "DEADLINE_EXCEEDED", "deadline passed before the query ran"
+            ) from None
+        except asyncio.CancelledError:  # the caller went away (or its deadline passed)
+            for f in futures:
+                f.cancel()
+            raise
+        except BatcherClosedError as exc:
+            raise RequestError("UNAVAILABLE", str(exc)) from None
+
+    async def _process(self, batch: list[Job]) -> None:
+        """Encode a batch in the inference thread, then search it in the io pool without
+        holding up the next batch's encoding."""
+        engine = self._engine
+        loop = asyncio.get_running_loop()
+        queries: list[Query] = [j.item for j in batch]
+        for j in batch:
+            j.item.timings["queue_ms"] = (j.dispatched - j.enqueued) * 1000.0
+            self.metrics.stage.labels("queue").observe(j.dispatched - j.enqueued)
+        self.metrics.batch_size.observe(len(batch))
+        try:
+            vectors, t = await loop.run_in_executor(self.infer_pool, engine.encode, queries)
+        except Exception as exc:
+            logger.exception("encoding failed")
+            err = RequestError("INTERNAL", f"encoding failed: {type(exc).__name__}: {exc}")
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(err)
+            return
+        self.metrics.stage.labels("reference").observe(t["reference_ms"] / 1000.0)
+        self.metrics.stage.labels("encode").observe(t["encode_ms"] / 1000.0)
+        for j in batch:
+            j.item.timings.update(t)
+            j.item.timings["batch_size"] = float(len(batch))
+        searching = [i for i, q in enumerate(queries) if q.search]
+        for i, j in enumerate(batch):
+            if not queries[i].search and not j.future.done():
+                j.future.set_result(vectors[i])
+        if searching:
+            task = loop.create_task(self._search([batch[i] for i in searching], vectors[searching]))
+            self._search_tasks.add(task)
+            task.add_done_callback(self._search_tasks.discard)
+
+    async def _search(self, jobs: list[Job], vectors: np.ndarray) -> None:
+        live = [i for i, j in enumerate(jobs) if not j.future.done()]
+        if not live:
+            return
+        jobs = [jobs[i] for i in live]
+        vectors = vectors[live]
+        try:
+            results, version, ms = await self._io(
+                self._engine.search, vectors, [j.item for j in jobs]
+            )
+        except Exception as exc:
+            logger.exception("search failed")
+            results = [RequestError("INTERNAL", f"search failed: {exc}")] * len(jobs)
+            version, ms = "", 0.0
+        self.metrics.stage.labels("search").observe(ms / 1000.0)
+        for j, r in zip(jobs, results, strict=True):
+            if j.future.done():
+                continue
+            j.item.timings["search_ms"] = ms
+            if isinstance(r, RequestError):
+                j.future.set_exception(r)
+            else:
+                j.future.set_result((r, version))
+
+    # ------------------------------------------------------------------ responses
+    def _response(self, q: Query, hits: list[Any], version: str, rid: str, t0: float) -> Any:
+        engine = self._engine
+        tm = q.timings
+        resp = pb.SearchResponse(
+            index_version=version,
+            encoder_fingerprint=engine.encoder.fingerprint,
+            request_id=rid,
+            timings=pb.Timings(
+                queue_ms=tm.get("queue_ms", 0.0),
+                decode_ms=tm.get("decode_ms", 0.0),
+                reference_ms=tm.get("reference_ms", 0.0) if not tm.get("reference_cached") else 0.0,
+                encode_ms=tm.get("encode_ms", 0.0),
+                search_ms=tm.get("search_ms", 0.0),
+                total_ms=(time.perf_counter() - t0) * 1000.0,
+                batch_size=int(tm.get("batch_size", 0)),
+                reference_cached=bool(tm.get("reference_cached", 0.0)),
+            ),
+        )
+        for i, h in enumerate(hits):
+            hit = resp.results.add(id=h.id, score=float(h.score), rank=q.offset + i + 1)
+            if q.include_payload and h.payload:
+                dict_to_struct(public_payload(h.payload), hit.payload)
+        return resp
+
+    # ------------------------------------------------------------------ RPCs
+    @_rpc("Search")
+    async def Search(self, request: pb.SearchRequest, context: Any, rid: str) -> Any:
+        t0 = time.perf_counter()
+        deadline = self._deadline(context)
+        q = await self._search_query(request)
+        (fut,) = self._submit([q], deadline)
+        ((hits, version),) = await self._await_all([fut], deadline)
+        return self._response(q, hits, version, rid, t0)
+
+    @_rpc("SearchBatch")
+    async def SearchBatch(self, request: pb.SearchBatchRequest, context: Any, rid: str) -> Any:
+        t0 = time.perf_counter()
+        s = self.settings
+        n = len(request.queries)
+        if n == 0:
+            raise RequestError("INVALID_ARGUMENT", "queries is empty")
+        if n > s.max_batch_queries:
+            raise RequestError(
+                "INVALID_ARGUMENT", f"{n} queries; at most {s.max_batch_queries} per SearchBatch"
+            )
+        deadline = self._deadline(context)
+        queries = [
+            await self._search_query(r, f"queries[{i}]: ") for i, r in enumerate(request.queries)
+        ]
+        futures = self._submit(queries, deadline)
+        done = await self._await_all(futures, deadline)
+        return pb.SearchBatchResponse(
+            responses=[
+                self._response(q, hits, version, rid, t0)
+                for q, (hits, version) in zip(queries, done, strict=True)
+            ]
+        )
+
+    @_rpc("EncodeQuery")
+    async def EncodeQuery(self, request: pb.EncodeQueryRequest, context: Any, rid: str) -> Any:
+        deadline = self._deadline(context)
+        q = Query(text=self._check_text(request.text), search=False)
+        await self._reference(q, request)
+        (fut,) = self._submit([q], deadline)
+        (vec,) = await self._await_all([fut], deadline)
+        tm = q.timings
+        return pb.EncodeQueryResponse(
+            vector=[float(x) for x in vec],
+            dim=len(vec),
+            encoder_fingerprint=self._engine.encoder.fingerprint,
+            timings=pb.Timings(
+                queue_ms=tm.get("queue_ms", 0.0),
+                decode_ms=tm.get("decode_ms", 0.0),
+                reference_ms=tm.get("reference_ms", 0.0),
+                encode_ms=tm.get("encode_ms", 0.0),
+                batch_size=int(tm.get("batch_size", 0)),
+                reference_cached=bool(tm.get("reference_cached", 0.0)),
+            ),
+        )
+
+    @_rpc("GetImage")
+    async def GetImage(self, request: pb.GetImageRequest, context: Any, rid: str) -> Any:
+        kinds = {
+            pb.IMAGE_KIND_UNSPECIFIED: "thumbnail",
+            pb.IMAGE_KIND_THUMBNAIL: "thumbnail",
+            pb.IMAGE_KIND_ORIGINAL: "original",
+        }
+        kind = kinds.get(int(request.kind))  # type: ignore[call-overload]
+        if kind is None:
+            raise RequestError("INVALID_ARGUMENT", f"unknown image kind {int(request.kind)}")
+        if not request.id:
+            raise RequestError("INVALID_ARGUMENT", "id is empty")
+        data, mime, w, h = await self._io(self._engine.get_image, request.id, kind)
+        return pb.GetImageResponse(id=request.id, data=data, mime_type=mime, width=w, height=h)
+
+    @_rpc("ListImages")
+    async def ListImages(self, request: pb.ListImagesRequest, context: Any, rid: str) -> Any:
+        s = self.settings
+        size = int(request.page_size) or DEFAULT_PAGE_SIZE
+        if size > s.max_page_size:
+            raise RequestError(
+                "INVALID_ARGUMENT", f"page_size must be in [1, {s.max_page_size}], got {size}"
+            )
+        seed = int(request.random_seed) if request.HasField("random_seed") else None
+        with_payload = request.include_payload if request.HasField("include_payload") else True
+        engine = self._engine
+        version = engine.version
+        hits, nxt, total = await self._io(engine.list_images, size, int(request.offset), seed)
+        resp = pb.ListImagesResponse(total=total, index_version=version)
+        for h in hits:
+            item = resp.items.add(id=h.id)
+            if with_payload and h.payload:
+                dict_to_struct(public_payload(h.payload), item.payload)
+        if nxt is not None:
+            resp.next_offset = nxt
+        return resp
+
+    @_rpc("Info")
+    async def Info(self, request: pb.InfoRequest, context: Any, rid: str) -> Any:
+        engine = self._engine
+        s = self.settings
+        enc = engine.encoder
+        idx = engine.index
+        count = await self._io(idx.count)
+        meta = idx.meta
+        return pb.InfoResponse(
+            model=pb.ModelInfo(
+                preset=str(enc.preset),
+                fingerprint=str(enc.fingerprint),
+                dim=int(enc.dim),
+                num_queries=int(enc.num_queries),
+                image_size=int(enc.image_size),
+                max_text_tokens=int(enc.max_text_tokens),
+                device=str(enc.device),
+                dtype=str(enc.dtype).replace("torch.", ""),
+            ),
+            index=pb.IndexInfo(
+                name=str(idx.name),
+                backend=str(idx.backend),
+                version=engine.version,
+                count=int(count),
+                filterable_fields=engine.fields(),
+                encoder_fingerprint=str(meta.encoder_fingerprint) if meta else "",
+            ),
+            limits=pb.Limits(
+                max_top_k=s.max_top_k,
+                max_offset=s.max_offset,
+                max_text_chars=s.max_text_chars,
+                max_image_bytes=s.max_image_bytes,
+                max_image_pixels=s.max_image_pixels,
+                max_batch_queries=s.max_batch_queries,
+                max_message_bytes=s.max_message_bytes,
+                max_page_size=s.max_page_size,
+            ),
+            server_version=__version__,
+            max_batch=s.max_batch,
+            max_wait_ms=s.max_wait_ms,
+        )

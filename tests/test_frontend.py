@@ -1,0 +1,373 @@
+"""The Streamlit UI without a model: pure helpers, the CLI, and AppTest runs against a fake client.
+
+The tests against a real in-process server (small model) live in test_frontend_app.py, the
+browser test in test_frontend_e2e.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from PIL import Image
+
+from frontend.config import UISettings
+from frontend.gateway import Gateway, UIError, classify, payload_for_display, to_ui_error
+from frontend.state import (
+    Reference,
+    UploadError,
+    build_filter,
+    check_upload,
+    filter_problems,
+    parse_keyword,
+)
+from server import errors as cerr
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "frontend" / "app.py"
+
+
+def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------ config
+def test_settings_roundtrip_through_env() -> None:
+    s = UISettings(server="h:1", api_key="k", timeout=3.5, tls_ca=None, max_upload_bytes=2**20)
+    assert UISettings.from_env(s.to_env()) == s
+
+
+def test_settings_bad_numbers_fall_back() -> None:
+    s = UISettings.from_env({"CIR_UI_TIMEOUT": "soon", "CIR_UI_MAX_UPLOAD_MB": "-1"})
+    assert s.timeout == 10.0 and s.max_upload_bytes == 10 * 2**20 and s.api_key is None
+
+
+# ------------------------------------------------------------------------------ filters
+def test_build_filter_per_type() -> None:
+    fields = {"category": "keyword", "year": "integer", "price": "float", "sale": "bool"}
+    values = {"category": "bag, shoe", "year": (2000, None), "price": (None, 9.5), "sale": "true"}
+    assert build_filter(fields, values) == {
+        "category": ["bag", "shoe"],
+        "year": {"gte": 2000},
+        "price": {"lte": 9.5},
+        "sale": True,
+    }
+    empty = {"category": "  ", "year": (None, None), "price": None, "sale": "any"}
+    assert build_filter(fields, empty) == {}
+    assert parse_keyword("red") == "red"
+    assert build_filter({"c": "keyword"}, {"c": ["x"]}) == {"c": "x"}
+
+
+def test_filter_problems_min_above_max() -> None:
+    assert filter_problems({"year": "integer"}, {"year": (5, 1)})
+    assert not filter_problems({"year": "integer"}, {"year": (1, 5)})
+
+
+# ------------------------------------------------------------------------------ uploads
+def test_check_upload_accepts_an_image() -> None:
+    assert check_upload(png_bytes(size=20), 2**20) == (20, 20)
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"", "empty"),
+        (b"not an image at all", "not a usable image"),
+        (png_bytes()[:60], "not a readable image"),  # truncated
+        (b"\0" * (2 * 2**20), "limit is 1.0 MiB"),
+    ],
+)
+def test_check_upload_refuses_bad_files(data: bytes, needle: str) -> None:
+    with pytest.raises(UploadError, match=needle):
+        check_upload(data, 2**20)
+
+
+def test_reference_identity() -> None:
+    a, b = Reference.upload("a.png", b"1"), Reference.upload("b.png", b"1")
+    assert a.key == b.key and Reference.gallery("x").key == "gallery:x"
+
+
+# ------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    ("exc", "kind", "needle"),
+    [
+        (
+            cerr.ServerUnavailableError(grpc.StatusCode.UNAVAILABLE, "refused"),
+            "unavailable",
+            "Cannot reach",
+        ),
+        (
+            cerr.UnauthenticatedError(grpc.StatusCode.UNAUTHENTICATED, "bad key"),
+            "unauthenticated",
+            "API key",
+        ),
+        (
+            cerr.InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "text: empty"),
+            "invalid",
+            "text: empty",
+        ),
+        (
+            cerr.DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, "late"),
+            "timeout",
+            "within 2 s",
+        ),
+        (cerr.NotFoundError(grpc.StatusCode.NOT_FOUND, "id x"), "not_found", "id x"),
+        (cerr.ResourceExhaustedError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full"), "busy", "busy"),
+        (RuntimeError("boom"), "other", "boom"),
+    ],
+)
+def test_errors_become_messages(exc: Exception, kind: str, needle: str) -> None:
+    err = to_ui_error(exc, UISettings(server="h:1", timeout=2.0))
+    assert classify(exc) == kind and err.kind == kind and needle in err.message
+
+
+def test_payload_display_drops_thumbnail_and_shortens() -> None:
+    out = payload_for_display({"thumbnail": "x" * 10, "path": "p" * 500, "n": 1})
+    assert "thumbnail" not in out and out["n"] == 1 and len(out["path"]) < 260
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_registers_ui_and_builds_streamlit_command() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from frontend.cli import APP_PATH, register, streamlit_command
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command so typer keeps `ui` as a subcommand
+        pass
+
+    res = CliRunner().invoke(app, ["ui", "--help"])
+    assert res.exit_code == 0, res.output
+    for flag in ("--server", "--port", "--api-key", "--host", "--timeout"):
+        assert flag in res.output
+    cmd = streamlit_command("127.0.0.1", 9999)
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APP_PATH)
+    joined = " ".join(cmd)
+    assert "--server.headless true" in joined and "--server.port 9999" in joined
+    assert "--server.address 127.0.0.1" in joined and "--browser.gatherUsageStats false" in joined
+    bad = CliRunner().invoke(app, ["ui", "--server", "nocolon"])
+    assert bad.exit_code != 0 and "HOST:PORT" in bad.output
+
+
+# ------------------------------------------------------------------------------ no model in the UI
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_frontend_never_imports_the_model() -> None:
+    for path in (REPO / "frontend").glob("*.py"):
+        bad = {n for n in _imports(path) if n.split(".")[0] in ("torch", "transformers")}
+        bad |= {
+            n for n in _imports(path) if n.startswith(("retrieval.encoder", "retrieval.modeling"))
+        }
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_app_run_loads_no_torch() -> None:
+    """Run the whole script (server down) in a fresh interpreter: torch must stay unloaded."""
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        os.environ["CIR_UI_SERVER"] = "127.0.0.1:9"
+        os.environ["CIR_UI_TIMEOUT"] = "2"
+        from streamlit.testing.v1 import AppTest
+        at = AppTest.from_file({str(APP)!r}, default_timeout=30).run()
+        assert not at.exception, at.exception
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")
+                       or m.startswith("retrieval.encoder"))
+        print("HEAVY", heavy)
+        assert not heavy, heavy
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------------ AppTest, fake client
+class FakeClient:
+    """Stands in for server.client.CIRClient; ``fail`` maps a method name to an exception."""
+
+    fail: dict[str, Exception] = {}
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        self.target = target
+
+    def _maybe_fail(self, name: str, **kwargs: Any) -> None:
+        FakeClient.calls.append((name, kwargs))
+        if name in FakeClient.fail:
+            raise FakeClient.fail[name]
+
+    def info(self) -> dict[str, Any]:
+        self._maybe_fail("info")
+        return {
+            "model": {"preset": "fake", "fingerprint": "fp"},
+            "index": {
+                "name": "g",
+                "version": "v1",
+                "count": 3,
+                "backend": "local",
+                "filterable_fields": {"shape": "keyword", "size": "integer"},
+            },
+            "limits": {"max_top_k": 50, "max_text_chars": 100, "max_image_bytes": 2**20},
+            "server_version": "0",
+        }
+
+    def search(self, text: str, **kw: Any) -> dict[str, Any]:
+        self._maybe_fail("search", text=text, **kw)
+        off = kw.get("offset", 0)
+        return {
+            "results": [
+                {
+                    "id": f"img-{off + i}",
+                    "score": 0.9 - 0.1 * i,
+                    "rank": off + i + 1,
+                    "payload": {"shape": "disc"},
+                }
+                for i in range(min(kw.get("top_k", 10), 3))
+            ],
+            "index_version": "v1",
+            "timings": {"total_ms": 5.0},
+        }
+
+    def get_image(self, id: str, kind: str = "thumbnail") -> tuple[bytes, str]:
+        self._maybe_fail("get_image", id=id)
+        return png_bytes(), "image/png"
+
+    def list_images(
+        self, page_size: int = 50, offset: int = 0, random_seed: int | None = None
+    ) -> Any:
+        self._maybe_fail("list_images")
+        return ([{"id": f"img-{i}", "payload": {}} for i in range(3)], None, 3)
+
+
+@pytest.fixture
+def fake_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import server.client
+
+    monkeypatch.setattr(server.client, "CIRClient", FakeClient)
+    monkeypatch.setenv("CIR_UI_SERVER", "fake:1")
+    monkeypatch.setenv("CIR_UI_TIMEOUT", "1.5")
+    FakeClient.fail, FakeClient.calls = {}, []
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield AppTest.from_file(str(APP), default_timeout=30)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+
+def _errors(at: Any) -> str:
+    return " | ".join(e.value for e in at.error)
+
+
+def test_fake_search_shows_grid_and_history(fake_app: Any) -> None:
+    at = fake_app.run()
+    assert not at.exception and not at.error
+    at.text_input(key="mod_text").input("make it blue")
+    at.text_input(key="flt_shape").input("disc, square")
+    at.button(key="search").click().run()
+    assert not at.exception and not at.error, _errors(at)
+    assert [b.key for b in at.button if b.key.startswith("refine_")] == [
+        "refine_1",
+        "refine_2",
+        "refine_3",
+    ]
+    kw = next(c[1] for c in reversed(FakeClient.calls) if c[0] == "search")
+    assert kw["filter"] == {"shape": ["disc", "square"]} and kw["reference_id"] is None
+    assert len(at.session_state["history"]) == 1
+
+
+def test_fake_empty_text_is_refused_politely(fake_app: Any) -> None:
+    at = fake_app.run()
+    at.button(key="search").click().run()
+    assert not at.exception
+    assert "modification text" in _errors(at)
+
+
+@pytest.mark.parametrize(
+    ("exc", "needle"),
+    [
+        (
+            cerr.DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"),
+            "did not answer within 1.5 s",
+        ),
+        (
+            cerr.UnauthenticatedError(grpc.StatusCode.UNAUTHENTICATED, "bad key"),
+            "rejected the API key",
+        ),
+        (
+            cerr.InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT, "reference_image: not an image"
+            ),
+            "reference_image: not an image",
+        ),
+        (cerr.ResourceExhaustedError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"), "busy"),
+        (RuntimeError("kaboom"), "kaboom"),
+    ],
+)
+def test_fake_search_failures_are_messages(fake_app: Any, exc: Exception, needle: str) -> None:
+    at = fake_app.run()
+    FakeClient.fail = {"search": exc}
+    at.text_input(key="mod_text").input("anything")
+    at.button(key="search").click().run()
+    assert not at.exception
+    assert needle in _errors(at)
+
+
+def test_fake_wrong_api_key_at_startup(fake_app: Any) -> None:
+    FakeClient.fail = {"info": cerr.UnauthenticatedError(grpc.StatusCode.UNAUTHENTICATED, "no key")}
+    at = fake_app.run()
+    assert not at.exception
+    assert "rejected the API key" in _errors(at)
+
+
+def test_fake_bad_upload_is_refused(fake_app: Any) -> None:
+    at = fake_app.run()
+    at.file_uploader(key="upload").set_value(("broken.png", b"\x89PNG garbage", "image/png"))
+    at.run()
+    assert not at.exception
+    assert "broken.png" in _errors(at) and at.session_state["ref"] is None
+    at.file_uploader(key="upload").set_value(
+        ("big.png", png_bytes(size=600) + b"\0" * 2**20, "image/png")
+    )
+    at.run()
+    assert "limit is 1.0 MiB" in _errors(at)
+
+
+def test_fake_gateway_raises_only_ui_errors() -> None:
+    FakeClient.fail = {"get_image": KeyError("weird")}
+    gw = Gateway(UISettings(server="x:1"), client=FakeClient("x:1"))
+    with pytest.raises(UIError) as info:
+        gw.get_image("a")
+    assert info.value.kind == "other"
+    FakeClient.fail = {}
+    assert gw.list_images(3).total == 3 and gw.info().fields["size"] == "integer"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
