@@ -2,6 +2,8 @@
 
     python benchmarks/index.py --sizes 10000,100000 --json /tmp/index_bench.json
     python benchmarks/index.py --features feats.npy [--queries q.npy] --json out.json
+    python benchmarks/index.py --features models/sprc-shapes --gallery data/shapes/gallery.jsonl
+    python benchmarks/index.py --sizes 30000 --sweep L=500,1000,2000,4000 --sweep-ef 1,exact
 
 Synthetic data: clustered, normalised tokens [N, 32, 256]; queries are perturbed tokens of random
 gallery images. Ground truth: numpy exact MaxSim. Reports build time, p50/p95 latency (one query
@@ -133,6 +135,100 @@ def run_queries(idx: Any, qs: np.ndarray, k: int, mode: str) -> tuple[list[list[
     return ids, times
 
 
+def parse_sweep(spec: str | None) -> list[int]:
+    """``"L=500,1000,2000"`` -> [500, 1000, 2000] (also accepts the bare list)."""
+    if not spec:
+        return []
+    key, _, vals = spec.partition("=")
+    if not vals:
+        key, vals = "L", key
+    if key.strip() != "L":
+        raise SystemExit(f"--sweep wants L=500,1000,...; got {spec!r}")
+    return [int(x) for x in vals.split(",") if x.strip()]
+
+
+def oracle_recall(
+    tokens: np.ndarray, pooled: np.ndarray, qs: np.ndarray, truth: list[np.ndarray], cands: int
+) -> float:
+    """recall@10 of a perfect two-stage search: EXACT top-L by `pooled`, then exact MaxSim.
+    Separates what the `pooled` proxy loses from what HNSW loses."""
+    vals = []
+    for v, t in zip(qs, truth, strict=True):
+        ps = pooled @ v
+        cand = np.argpartition(-ps, min(cands, len(ps) - 1))[:cands]
+        s = (tokens[cand] @ v).max(axis=1)
+        top = cand[np.argsort(-s)[:10]]
+        vals.append(len(set(top.tolist()) & set(t[:10].tolist())) / 10)
+    return float(np.mean(vals))
+
+
+def sweep(
+    uri: str,
+    tokens: np.ndarray,
+    qs: np.ndarray,
+    truth: list[np.ndarray],
+    label: str,
+    np_p50: float,
+    sizes: list[int],
+    ef_factors: list[str],
+) -> list[dict]:
+    """`fast` at several prefetch sizes L (and hnsw_ef = factor x L, or an exact prefetch) on
+    the index already built at ``uri``; recall@10 against numpy exact, p50 ratio to numpy."""
+    n = tokens.shape[0]
+    pooled = tokens.mean(axis=1)
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    rows = []
+    for cands in sizes:
+        oracle = oracle_recall(tokens, pooled, qs, truth, cands)
+        for eff in ef_factors:
+            opts: dict[str, Any] = {"fast_min_candidates": cands, "fast_factor": 1}
+            if eff == "exact":
+                opts["fast_exact_prefetch"] = True
+            else:
+                opts["fast_ef_factor"] = float(eff)
+            idx = open_index(uri, "bench", read_only=True, options=opts)
+            try:
+                run_queries(idx, qs[:5], 10, "fast")
+                got, times = run_queries(idx, qs, 10, "fast")
+            finally:
+                idx.close()
+            p50, p95 = pct(times)
+            row = dict(
+                size=label,
+                n=n,
+                L=cands,
+                ef="exact scan" if eff == "exact" else int(float(eff) * cands),
+                p50_ms=p50,
+                p95_ms=p95,
+                recall10=recall(got, truth, 10),
+                oracle_recall10=oracle,
+                numpy_p50_ms=np_p50,
+                speedup_vs_numpy=np_p50 / p50 if p50 > 0 else None,
+                queries=len(qs),
+            )
+            logger.info("sweep %s: %s", label, row)
+            rows.append(row)
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    head = (
+        "| size | L | hnsw_ef | p50 ms | p95 ms | recall@10 | recall@10 exact prefetch (numpy) "
+        "| numpy p50 ms | speed-up vs numpy |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['L']} | {r['ef']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
+            f"| {r['recall10']:.3f} | {r['oracle_recall10']:.3f} | {r['numpy_p50_ms']:.1f} "
+            f"| {r['speedup_vs_numpy']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+SWEEP: dict[str, Any] = {"sizes": [], "ef": ["1"], "rows": [], "modes": ["exact", "fast"]}
+
+
 def bench_size(tokens: np.ndarray, label: str, nq: int, local: bool, workdir: Path) -> list[dict]:
     n = tokens.shape[0]
     qs = make_queries(tokens, nq, seed=123)
@@ -164,7 +260,7 @@ def bench_size(tokens: np.ndarray, label: str, nq: int, local: bool, workdir: Pa
         idx, build_s = build(uri, tokens)
         rss1 = rss_mb()
         disk = du_mb(workdir / backend)
-        modes = ["exact", "fast"] if backend == "edge" else ["exact"]
+        modes = [m for m in SWEEP["modes"] if backend == "edge" or m == "exact"]
         m_nq = nq if backend == "edge" else min(nq, 20)  # local mode is a pure-Python scan
         for mode in modes:
             run_queries(idx, qs[:5], 10, mode)  # warm up (page cache, lazy structures)
@@ -189,6 +285,10 @@ def bench_size(tokens: np.ndarray, label: str, nq: int, local: bool, workdir: Pa
             )
             logger.info("%s %s %s: %s", label, backend, mode, rows[-1])
         idx.close()
+        if backend == "edge" and SWEEP["sizes"]:
+            SWEEP["rows"] += sweep(
+                uri, tokens, qs, truth50, label, np_p50, SWEEP["sizes"], SWEEP["ef"]
+            )
         shutil.rmtree(workdir / backend, ignore_errors=True)
     for r in rows:
         r["speedup_vs_numpy"] = np_p50 / r["p50_ms"] if r["p50_ms"] > 0 else None
@@ -210,6 +310,47 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def encode_gallery(
+    model: str, gallery: Path, triplets: Path | None, limit: int | None, nq: int, cache: Path
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encode the images of a gallery jsonl (``{"path": ...}`` per line, relative to the file)
+    with a trained model folder (e.g. models/sprc-shapes), and composed queries from a triplet
+    jsonl (``reference`` + ``caption``). Cached as .npy under ``cache``."""
+    import torch
+    from PIL import Image
+
+    from retrieval.encoder import Encoder
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # shared machine
+    cache.mkdir(parents=True, exist_ok=True)
+    f_path, q_path = cache / "targets.npy", cache / "queries.npy"
+    enc = Encoder.from_pretrained(model)
+    lines = [json.loads(x) for x in gallery.read_text().splitlines() if x.strip()][:limit]
+    if f_path.exists():
+        feats = np.load(f_path)
+    else:
+        t0 = time.perf_counter()
+        parts = []
+        for s in range(0, len(lines), 64):
+            imgs = [
+                Image.open(gallery.parent / x["path"]).convert("RGB") for x in lines[s : s + 64]
+            ]
+            parts.append(enc.encode_targets(imgs, batch_size=32))
+        feats = np.concatenate(parts).astype(np.float32)
+        np.save(f_path, feats)
+        logger.info("encoded %d targets in %.0fs", len(feats), time.perf_counter() - t0)
+    qs = None
+    if triplets is not None:
+        if q_path.exists():
+            qs = np.load(q_path)
+        else:
+            trip = [json.loads(x) for x in triplets.read_text().splitlines() if x.strip()][:nq]
+            imgs = [Image.open(triplets.parent / t["reference"]).convert("RGB") for t in trip]
+            qs = enc.encode_queries(imgs, [t["caption"] for t in trip]).astype(np.float32)
+            np.save(q_path, qs)
+    return feats, qs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000", help="comma-separated gallery sizes")
@@ -217,22 +358,53 @@ def main() -> None:
     ap.add_argument("--q", type=int, default=32, help="tokens per image")
     ap.add_argument("--d", type=int, default=256, help="token dimension")
     ap.add_argument("--local-max", type=int, default=10000, help="run local mode up to this size")
-    ap.add_argument("--features", type=Path, help="real target features [N, Q, D] (.npy)")
+    ap.add_argument(
+        "--features",
+        help="real target features [N, Q, D] (.npy), or a model folder (models/sprc-shapes) to "
+        "encode --gallery with",
+    )
     ap.add_argument("--queries", type=Path, help="real query vectors [M, D] (.npy)")
+    ap.add_argument("--gallery", type=Path, default=Path("data/shapes/gallery.jsonl"))
+    ap.add_argument(
+        "--triplets",
+        type=Path,
+        default=Path("data/shapes/test.jsonl"),
+        help="composed queries (reference + caption) encoded with the --features model",
+    )
+    ap.add_argument("--limit", type=int, default=None, help="encode at most this many images")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/cir-index-bench-features"))
+    ap.add_argument("--modes", default="exact,fast", help="Edge modes of the main table")
+    ap.add_argument("--sweep", help="fast prefetch sizes to sweep, e.g. L=500,1000,2000,4000")
+    ap.add_argument(
+        "--sweep-ef",
+        default="1",
+        help="hnsw_ef as multiples of L for the sweep, or 'exact' (exact prefetch scan): 1,2,exact",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="where the indexes are built")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    SWEEP["sizes"] = parse_sweep(args.sweep)
+    SWEEP["ef"] = [x.strip() for x in args.sweep_ef.split(",") if x.strip()]
+    SWEEP["modes"] = [x.strip() for x in args.modes.split(",") if x.strip()]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cir-index-bench-"))
     rows: list[dict] = []
     if args.features:
-        tokens = np.load(args.features, mmap_mode="r").astype(np.float32)
+        qs_real: np.ndarray | None = None
+        if Path(args.features).is_dir():
+            tokens, qs_real = encode_gallery(
+                args.features, args.gallery, args.triplets, args.limit, args.queries_n, args.cache
+            )
+        else:
+            tokens = np.load(args.features, mmap_mode="r").astype(np.float32)
         tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
         label = f"real {tokens.shape[0]}"
         if args.queries:
-            qs = np.load(args.queries).astype(np.float32)
+            qs_real = np.load(args.queries).astype(np.float32)
+        if qs_real is not None:
+            qr = qs_real
             globals()["make_queries"] = lambda t, nq, seed: (
-                qs[:nq] / np.linalg.norm(qs[:nq], axis=1, keepdims=True)
+                qr[:nq] / np.linalg.norm(qr[:nq], axis=1, keepdims=True)
             )
         rows += bench_size(
             tokens, label, args.queries_n, tokens.shape[0] <= args.local_max, workdir
@@ -249,6 +421,9 @@ def main() -> None:
             )
             del tokens
     print(table(rows))
+    if SWEEP["rows"]:
+        print()
+        print(sweep_table(SWEEP["rows"]))
     if args.json:
         info = {
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -262,6 +437,7 @@ def main() -> None:
             ).stdout.strip()
             or None,
             "rows": rows,
+            "sweep": SWEEP["rows"],
         }
         args.json.write_text(json.dumps(info, indent=1))
 

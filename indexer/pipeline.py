@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INDEXER_FORMAT = 1  # recorded in version metadata (extra.indexer)
+#: This process only searches to verify: rescore many int8 candidates exactly, so that models
+#: whose images get nearly identical tokens (random weights) still find themselves at rank 1.
+VERIFY_OPTIONS = {"oversampling": 64.0}
 
 
 class IndexerError(RuntimeError):
@@ -271,6 +274,7 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
             encoder_fingerprint=enc.fingerprint if cfg.incremental else None,
             preset=enc.preset,
             fields=fields,  # type: ignore[arg-type]
+            options=VERIFY_OPTIONS,
         )
     except ModelMismatchError as exc:
         raise IndexerError(
@@ -403,7 +407,12 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
                     f"{_verify_summary(report.verification)}"
                 )
     except IndexInUseError as exc:
-        raise IndexerError(_in_use_message(exc, "index in use")) from exc
+        if cfg.incremental:
+            raise IndexerError(_in_use_message(exc, "incremental update refused")) from exc
+        raise IndexerError(
+            f"{exc}\nAnother process is writing this build's version (an Edge version has one "
+            "writer: run shards one after another), or pass --fresh to start a new version."
+        ) from exc
     except GalleryIndexError as exc:
         raise IndexerError(f"index error: {exc}") from exc
     finally:
@@ -646,7 +655,7 @@ def verify_version(
     """Verify a version (default: the active one) by count and self-retrieval."""
     from retrieval.index import open_index
 
-    idx = open_index(uri, name)
+    idx = open_index(uri, name, options=VERIFY_OPTIONS)
     try:
         target = version or idx.active_version
         if target is None:

@@ -1,14 +1,9 @@
-"""What the indexer needs from the gallery index beyond its documented API, in one place.
+"""The indexer's view of the gallery index's version API, in one place.
 
-``retrieval.index`` (helper-1) documents ``create_version``/``activate``/``versions`` and data
-operations, but (at the time of writing) not:
-
-* re-opening an existing, not yet active version for writing or reading (to resume a killed
-  build, to fill one version from several shard runs, to verify a version before activating it);
-* iterating over every point of a version (incremental mode needs the stored ids and paths).
-
-Each helper here uses the public method when the index has it (``open_version``, ``scroll``)
-and otherwise falls back to the backend's internals. Keep this file the only place that does.
+Everything here goes through the public ``retrieval.index`` API: ``open_version`` (re-open an
+existing, not yet active version to resume a killed build, to fill one version from several
+shard runs, or to verify it before activating), ``iter_records``/``scroll`` (every point of a
+version) and ``VersionInfo.ever_active`` (a version rolled back from is not an unfinished build).
 """
 
 from __future__ import annotations
@@ -20,72 +15,24 @@ from typing import Any
 import numpy as np
 
 from retrieval.index import GalleryIndex, IndexView, Record, VersionHandle, VersionInfo
+from retrieval.index.api import PayloadSelector
 
 logger = logging.getLogger(__name__)
 
 SCROLL_PAGE = 1000
 
 
-def open_version(idx: GalleryIndex, version: str) -> VersionHandle:
-    """A writable handle on an existing version (Edge: takes its lock -> IndexInUseError)."""
-    fn = getattr(idx, "open_version", None)
-    if callable(fn):
-        handle: VersionHandle = fn(version)
-        return handle
-    if idx.backend == "edge":
-        from retrieval.index.edge import EdgeVersionHandle, _Shard
-
-        catalog = idx.catalog  # type: ignore[attr-defined]
-        catalog.read_meta(version)  # IndexNotFoundError when missing
-        shard = _Shard(catalog, version, idx._options)  # type: ignore[attr-defined]
-        h = EdgeVersionHandle(idx, shard)  # type: ignore[arg-type]
-        idx._handles.add(h)  # type: ignore[attr-defined]
-        return h
-    from retrieval.index.qdrant_server import QdrantVersionHandle
-
-    target = idx._open_target(version)  # type: ignore[attr-defined]
-    return QdrantVersionHandle(idx, target)  # type: ignore[arg-type]
+def open_version(idx: GalleryIndex, version: str, read_only: bool = False) -> VersionHandle:
+    """A handle on an existing version (Edge: takes its lock -> IndexInUseError)."""
+    return idx.open_version(version, read_only=read_only)
 
 
-def scroll(view: IndexView, page: int = SCROLL_PAGE) -> Iterator[Record]:
-    """Every point of ``view`` (payload, no vectors), in the engine's order."""
-    fn = getattr(view, "scroll", None)
-    if callable(fn):
-        yield from fn()
-        return
-    from retrieval.index import common
-
-    if hasattr(view, "_use"):  # Edge: the index (active version) or a version handle
-        import qdrant_edge as q
-
-        offset: Any = None
-        while True:
-            with view._use() as sh:
-                recs, offset = sh.shard.scroll(
-                    q.ScrollRequest(offset=offset, limit=page, with_payload=True, with_vector=False)
-                )
-            for r in recs:
-                cid, payload = common.strip_payload(r.payload)
-                yield Record(cid or str(r.id), payload)
-            if offset is None or not recs:
-                return
-    target = view._target()  # type: ignore[attr-defined]
-    client = target.owner.client
-    offset = None
-    while True:
-        recs, offset = target.call(
-            client.scroll,
-            target.collection,
-            limit=page,
-            offset=offset,
-            with_payload=True,
-            with_vectors=False,
-        )
-        for r in recs:
-            cid, payload = common.strip_payload(r.payload)
-            yield Record(cid or str(r.id), payload)
-        if offset is None or not recs:
-            return
+def scroll(
+    view: IndexView, page: int = SCROLL_PAGE, with_payload: PayloadSelector = True
+) -> Iterator[Record]:
+    """Every point of ``view`` (no vectors), in the engine's order. ``with_payload``:
+    e.g. ``{"exclude": ["thumbnail"]}`` to skip the heavy thumbnails."""
+    yield from view.iter_records(batch=page, with_payload=with_payload)
 
 
 def version_number(version: str) -> int:
@@ -97,7 +44,8 @@ def version_number(version: str) -> int:
 
 def resume_candidates(idx: GalleryIndex, build_key: str) -> list[VersionInfo]:
     """Unfinished builds of ``build_key``: never-activated versions newer than the active one,
-    oldest first (the oldest is the one every shard run agrees on)."""
+    oldest first (the oldest is the one every shard run agrees on). A version that was active
+    once (then rolled back from) is finished, never resumed."""
     infos = idx.versions()
     active = [v for v in infos if v.active]
     floor = version_number(active[0].version) if active else 0
@@ -105,6 +53,7 @@ def resume_candidates(idx: GalleryIndex, build_key: str) -> list[VersionInfo]:
         v
         for v in infos
         if not v.active
+        and not v.ever_active
         and version_number(v.version) > floor
         and v.meta.extra.get("build_key") == build_key
     ]

@@ -32,16 +32,13 @@ def _root(
 
 
 def _register_all() -> None:
+    from frontend import cli as frontend_cli
+    from indexer import cli as indexer_cli
     from retrieval import commands as retrieval_commands
+    from retrieval import demo
+    from server import cli as server_cli
 
-    retrieval_commands.register(app)
-    for module in ("indexer.cli", "server.cli", "frontend.cli", "retrieval.demo"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:  # a package still being built must not break the rest
-            if exc.name != module:
-                raise
-            continue
+    for mod in (retrieval_commands, indexer_cli, server_cli, frontend_cli, demo):
         mod.register(app)
 
 

@@ -14,36 +14,51 @@ def register(app: typer.Typer) -> None:
     data_cli.register(app)
     from retrieval import convert
 
-    if hasattr(convert, "register"):  # TODO(lead): unconditional once convert lands
-        convert.register(app)
+    convert.register(app)
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
 
 
 def train_cmd(
-    data: Path = typer.Option(..., "--data", help="Data dir with train.jsonl (+ val.jsonl, gallery.jsonl)."),
-    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, metrics, final model)."),
-    init: str = typer.Option("sprc-small", "--init", help="Preset (from scratch) or checkpoint folder."),
+    data: Path = typer.Option(
+        ..., "--data", help="Data dir with train.jsonl (+ val.jsonl, gallery.jsonl)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Run directory (checkpoints, metrics, final model)."
+    ),
+    init: str = typer.Option(
+        "sprc-small", "--init", help="Preset (from scratch) or checkpoint folder."
+    ),
     epochs: int = typer.Option(10, help="Epochs (ignored when --max-steps > 0)."),
     max_steps: int = typer.Option(0, help="Total optimizer steps (0: epochs x steps/epoch)."),
     batch_size: int = typer.Option(64, help="Triplets per step."),
     lr: float = typer.Option(1e-5, help="Peak learning rate (SPRC default 1e-5)."),
     weight_decay: float = typer.Option(0.05, help="AdamW weight decay (SPRC 0.05)."),
     warmup: float = typer.Option(0.05, help="Warmup fraction of total steps."),
-    loss_weights: str = typer.Option("1,0.4,0.4", help="itc,rtc,align weights (CIRR 1,0.4,0.4; FashionIQ 1,1,1)."),
-    train_vit: bool = typer.Option(False, "--train-vit/--freeze-vit", help="Train the ViT (SPRC freezes it)."),
+    loss_weights: str = typer.Option(
+        "1,0.4,0.4", help="itc,rtc,align weights (CIRR 1,0.4,0.4; FashionIQ 1,1,1)."
+    ),
+    train_vit: bool = typer.Option(
+        False, "--train-vit/--freeze-vit", help="Train the ViT (SPRC freezes it)."
+    ),
     grad_clip: float = typer.Option(1.0, help="Max grad norm (0 disables)."),
     save_every: int = typer.Option(200, help="Checkpoint every N steps."),
     val_limit: int = typer.Option(500, help="Val triplets per epoch validation (0 = all)."),
     val_gallery: int = typer.Option(1500, help="Gallery size for validation (0 = full)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip per-epoch validation."),
     seed: int = typer.Option(0, help="Seed for init, data order and dropout."),
-    time_budget_min: float = typer.Option(0.0, help="Stop and save after this many minutes (0 = none)."),
+    time_budget_min: float = typer.Option(
+        0.0, help="Stop and save after this many minutes (0 = none)."
+    ),
     limit: int = typer.Option(0, help="Use only the first N train triplets."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     num_threads: int = typer.Option(0, help="Torch CPU threads (0 = default)."),
-    weights_dtype: str = typer.Option("float32", help="Stored dtype of the final model (float32|float16|bfloat16)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoints/last."),
+    weights_dtype: str = typer.Option(
+        "float32", help="Stored dtype of the final model (float32|float16|bfloat16)."
+    ),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Continue from OUT/checkpoints/last."
+    ),
 ) -> None:
     """Train SPRC on a triplet dataset (the SPRC losses, AdamW, warmup + cosine)."""
     from retrieval.train import TrainConfig, train
@@ -52,24 +67,45 @@ def train_cmd(
     if len(w) != 3:
         raise typer.BadParameter("--loss-weights needs three numbers: itc,rtc,align")
     cfg = TrainConfig(
-        data=str(data), out=str(out), init=init, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        lr=lr, weight_decay=weight_decay, warmup=warmup, loss_weights=w, train_vit=train_vit,  # type: ignore[arg-type]
-        grad_clip=grad_clip, save_every=save_every, val_limit=val_limit, val_gallery=val_gallery,
-        validate=not no_validate, seed=seed, time_budget_min=time_budget_min, limit=limit, device=device,
-        num_threads=num_threads, weights_dtype=weights_dtype,
+        data=str(data),
+        out=str(out),
+        init=init,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        loss_weights=w,
+        train_vit=train_vit,  # type: ignore[arg-type]
+        grad_clip=grad_clip,
+        save_every=save_every,
+        val_limit=val_limit,
+        val_gallery=val_gallery,
+        validate=not no_validate,
+        seed=seed,
+        time_budget_min=time_budget_min,
+        limit=limit,
+        device=device,
+        num_threads=num_threads,
+        weights_dtype=weights_dtype,
     )
     summary = train(cfg, resume=resume)
     typer.echo(json.dumps(summary, indent=2))
 
 
 def eval_cmd(
-    model: str = typer.Option(..., "--model", help="Checkpoint folder (or preset for random weights)."),
+    model: str = typer.Option(
+        ..., "--model", help="Checkpoint folder (or preset for random weights)."
+    ),
     data: Path = typer.Option(..., "--data", help="Data dir with SPLIT.jsonl and gallery.jsonl."),
     split: str = typer.Option("test", help="Split to evaluate."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the results JSON here."),
     limit: int = typer.Option(0, help="Evaluate only the first N triplets (0 = all)."),
     batch_size: int = typer.Option(64, help="Encoding batch size."),
-    no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip image-only/text-only baselines."),
+    no_baselines: bool = typer.Option(
+        False, "--no-baselines", help="Skip image-only/text-only baselines."
+    ),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | auto"),
     num_threads: int = typer.Option(0, help="Torch CPU threads (0 = default)."),
@@ -78,8 +114,12 @@ def eval_cmd(
     from retrieval.encoder import Encoder
     from retrieval.evaluate import evaluate, format_table, write_json
 
-    enc = Encoder.from_pretrained(model, device=device, dtype=dtype, num_threads=num_threads or None)
-    res = evaluate(enc, data, split, limit=limit or None, batch_size=batch_size, baselines=not no_baselines)
+    enc = Encoder.from_pretrained(
+        model, device=device, dtype=dtype, num_threads=num_threads or None
+    )
+    res = evaluate(
+        enc, data, split, limit=limit or None, batch_size=batch_size, baselines=not no_baselines
+    )
     typer.echo(format_table(res))
     if json_out:
         write_json(res, json_out)

@@ -47,12 +47,17 @@ class SPRCConfig:
     max_text_len: int = 32  # caption tokens incl. [CLS]/[SEP] (SPRC pads to 32)
     temp_init: float = 0.07  # learned temperature init (training only; ranking ignores it)
     init_std: float = 0.02  # LAVIS-style init for from-scratch weights
+    init_scheme: str = (
+        "lavis"  # "lavis": N(0, init_std); "fan_in": linear std max(init_std, fan_in^-0.5)
+    )
     # --- preprocessing (part of the fingerprint) ---
     target_pad_ratio: float = 1.25  # SPRC "TargetPad": pad to square when aspect ratio > this
     image_mean: tuple[float, float, float] = CLIP_MEAN  # per-channel mean
     image_std: tuple[float, float, float] = CLIP_STD  # per-channel std
     # --- tokenizer ---
-    tokenizer: str = "builtin"  # "builtin": the project's WordPiece vocab; "folder": vocab.txt in checkpoint
+    tokenizer: str = (
+        "builtin"  # "builtin": the project's WordPiece vocab; "folder": vocab.txt in checkpoint
+    )
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (converter, source)
 
     # ---- derived ----
@@ -118,6 +123,9 @@ PRESETS: dict[str, SPRCConfig] = {
         qformer_intermediate_size=768,
         vocab_size=2048,
         max_position_embeddings=96,
+        hidden_dropout_prob=0.0,  # ~2 epochs of fresh synthetic data: dropout only slows learning
+        attention_dropout_prob=0.0,
+        init_scheme="fan_in",  # see SPRCModel.init_weights: N(0, 0.02) stalls a narrow model
     ),
     # The smallest model with every part of the real architecture; for unit tests.
     "tiny": SPRCConfig(
@@ -134,6 +142,9 @@ PRESETS: dict[str, SPRCConfig] = {
         qformer_intermediate_size=128,
         vocab_size=2048,
         max_position_embeddings=96,
+        hidden_dropout_prob=0.0,
+        attention_dropout_prob=0.0,
+        init_scheme="fan_in",
     ),
 }
 

@@ -623,7 +623,8 @@ def convert_sprc_lavis(
     overwrite: bool = False,
 ) -> Any:
     """Released SPRC/LAVIS ``.pt`` -> our checkpoint folder (strict key check). ``vocab`` is a
-    bert-base-uncased vocab.txt ([DEC] appended) or "builtin" (tests/toy models only)."""
+    bert-base-uncased vocab.txt ([DEC] appended), a transformers folder with vocab.txt or
+    tokenizer.json (e.g. blip2-itm-vit-g), or "builtin" (tests/toy models only)."""
     import torch
 
     from retrieval.config import get_config
@@ -636,7 +637,8 @@ def convert_sprc_lavis(
     if vocab is None:
         raise ConversionError(
             "--vocab is required: SPRC files carry no tokenizer; pass bert-base-uncased's "
-            "vocab.txt (30522 lines; [DEC] is appended), or 'builtin' for toy models"
+            "vocab.txt (30522 lines; [DEC] is appended) or the blip2-itm-vit-g folder, or "
+            "'builtin' for toy models"
         )
     _prepare_out(out, overwrite)
     tdtype = _torch_dtype(dtype)
@@ -651,12 +653,17 @@ def convert_sprc_lavis(
         cfg = cfg.replace(tokenizer="builtin")
         tok = _tokenizer_for(tok.vocab, cfg)
     else:
-        if not Path(vocab).is_file():
-            raise ConversionError(f"--vocab {vocab}: no such file")
-        try:
-            tok = _tokenizer_for(read_vocab(vocab), cfg)
-        except ValueError as exc:
-            raise ConversionError(str(exc)) from exc
+        vpath = Path(vocab)
+        if vpath.is_dir():  # e.g. the blip2-itm-vit-g folder: vocab.txt or tokenizer.json
+            words = read_hf_vocab(vpath)
+        elif vpath.is_file():
+            try:
+                words = read_vocab(vpath)
+            except ValueError as exc:
+                raise ConversionError(str(exc)) from exc
+        else:
+            raise ConversionError(f"--vocab {vocab}: no such file or folder")
+        tok = _tokenizer_for(words, cfg)
         cfg = cfg.replace(tokenizer="folder")
 
     try:
@@ -729,7 +736,9 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Argument(..., help="output checkpoint folder"),
         config: str = typer.Option(..., "--config", help="preset name or config JSON (blip2-vitg)"),
         vocab: str | None = typer.Option(
-            None, "--vocab", help="bert-base-uncased vocab.txt ([DEC] appended), or 'builtin'"
+            None,
+            "--vocab",
+            help="bert-base-uncased vocab.txt ([DEC] appended), a blip2-itm-vit-g folder, or 'builtin'",
         ),
         dtype: str = typer.Option(
             "float32", "--dtype", help="stored weights: " + "|".join(_DTYPE_NAMES)

@@ -41,7 +41,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu. Picked once per Encoder."""
+    """ "auto" -> cuda when available, else cpu. Picked once per Encoder."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -51,7 +51,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto" -> bfloat16 on CUDA, float32 on CPU."""
+    """ "auto" -> bfloat16 on CUDA, float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -94,7 +94,9 @@ def load_model_weights(config: SPRCConfig, state: dict[str, torch.Tensor]) -> SP
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise KeyError(f"checkpoint does not match the architecture: missing={missing[:20]} unexpected={unexpected[:20]}")
+        raise KeyError(
+            f"checkpoint does not match the architecture: missing={missing[:20]} unexpected={unexpected[:20]}"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     # non-persistent buffers stay on meta after assign: materialise them
     model.embeddings.position_ids = torch.arange(config.max_position_embeddings).expand((1, -1))
@@ -152,7 +154,9 @@ class Encoder:
                 "config": cfg,
                 "preprocess": self.preprocessor.to_dict(),
                 "vocab": hashlib.sha256(
-                    "\n".join(t for t, _ in sorted(self.tokenizer.vocab.items(), key=lambda kv: kv[1])).encode()
+                    "\n".join(
+                        t for t, _ in sorted(self.tokenizer.vocab.items(), key=lambda kv: kv[1])
+                    ).encode()
                 ).hexdigest(),
                 "weights": weights_digest,
             },
@@ -183,17 +187,23 @@ class Encoder:
                 raise ValueError("builtin vocabulary larger than the preset's vocab_size")
             return cls(model, tokenizer, device=device, dtype=dtype)
         if not folder.is_dir():
-            raise FileNotFoundError(f"no checkpoint folder or preset named {key!r} (presets: {', '.join(PRESETS)})")
+            raise FileNotFoundError(
+                f"no checkpoint folder or preset named {key!r} (presets: {', '.join(PRESETS)})"
+            )
         for name in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME):
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} is not an SPRC checkpoint folder: {name} is missing")
+                raise FileNotFoundError(
+                    f"{folder} is not an SPRC checkpoint folder: {name} is missing"
+                )
         config = SPRCConfig.load(folder / CONFIG_NAME)
         state = load_file(str(folder / WEIGHTS_NAME))
         digest = state_dict_digest(state)
         model = load_model_weights(config, state)
         tokenizer = QFormerTokenizer.from_file(folder / VOCAB_NAME, max_length=config.max_text_len)
         if len(tokenizer) > config.vocab_size:
-            raise ValueError(f"{folder}: vocab.txt has {len(tokenizer)} tokens > vocab_size {config.vocab_size}")
+            raise ValueError(
+                f"{folder}: vocab.txt has {len(tokenizer)} tokens > vocab_size {config.vocab_size}"
+            )
         logger.info("loaded %s (%s) from %s", config.name, digest[:12], folder)
         return cls(model, tokenizer, device=device, dtype=dtype, weights_digest=digest)
 
@@ -238,7 +248,9 @@ class Encoder:
     def encode_target_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Preprocessed pixels [N, 3, S, S] -> target features [N, Q, D] (float32)."""
         with self._infer():
-            feats = self.model.target_features(self.model.image_features(self._pixels(pixel_values)))
+            feats = self.model.target_features(
+                self.model.image_features(self._pixels(pixel_values))
+            )
             return self._np(feats)
 
     def encode_targets(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
@@ -285,12 +297,22 @@ class Encoder:
                     feats = ref_features[i : i + batch_size].to(self.device)
                 else:
                     assert images is not None
-                    feats = self.model.image_features(self._pixels(self.preprocess(images[i : i + batch_size])))
+                    feats = self.model.image_features(
+                        self._pixels(self.preprocess(images[i : i + batch_size]))
+                    )
                 tok = self.tokenizer(chunk, device=self.device)
-                out.append(self._np(self.model.composed_query(feats.to(self.dtype), tok.input_ids, tok.attention_mask)))
+                out.append(
+                    self._np(
+                        self.model.composed_query(
+                            feats.to(self.dtype), tok.input_ids, tok.attention_mask
+                        )
+                    )
+                )
         return np.concatenate(out)
 
-    def encode_texts(self, texts: Sequence[str], mode: str = "prompt", batch_size: int = 64) -> np.ndarray:
+    def encode_texts(
+        self, texts: Sequence[str], mode: str = "prompt", batch_size: int = 64
+    ) -> np.ndarray:
         """Text-only queries [N, D]: ``prompt`` = SPRC's rtc path (prompt_tokens + caption),
         ``plain`` = BLIP-2's text [CLS] path."""
         fn = self.model.prompt_text_features if mode == "prompt" else self.model.text_features

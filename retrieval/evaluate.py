@@ -37,7 +37,9 @@ def maxsim_scores(queries: np.ndarray, gallery: torch.Tensor) -> torch.Tensor:
     return (gallery.reshape(g * nq, d) @ q.T).reshape(g, nq, -1).amax(dim=1).T
 
 
-def target_ranks(scores: torch.Tensor, target_idx: Sequence[int], exclude_idx: Sequence[int]) -> np.ndarray:
+def target_ranks(
+    scores: torch.Tensor, target_idx: Sequence[int], exclude_idx: Sequence[int]
+) -> np.ndarray:
     """0-based rank of each row's target after masking its excluded (reference) item."""
     scores = scores.clone()
     rows = torch.arange(scores.shape[0])
@@ -66,14 +68,26 @@ def load_images(data_dir: Path, paths: Sequence[str]) -> list[Any]:
 
 
 def encode_gallery(
-    encoder: Encoder, data_dir: Path, items: Sequence[GalleryItem], batch_size: int = 64, progress: bool = True
+    encoder: Encoder,
+    data_dir: Path,
+    items: Sequence[GalleryItem],
+    batch_size: int = 64,
+    progress: bool = True,
 ) -> GalleryFeatures:
     feats = []
     it = range(0, len(items), batch_size)
     for i in tqdm(it, desc="gallery", disable=not progress, unit="batch"):
         chunk = items[i : i + batch_size]
-        feats.append(encoder.encode_targets(load_images(data_dir, [g.path for g in chunk]), batch_size=batch_size))
-    tokens = torch.from_numpy(np.concatenate(feats)) if feats else torch.zeros(0, encoder.num_queries, encoder.dim)
+        feats.append(
+            encoder.encode_targets(
+                load_images(data_dir, [g.path for g in chunk]), batch_size=batch_size
+            )
+        )
+    tokens = (
+        torch.from_numpy(np.concatenate(feats))
+        if feats
+        else torch.zeros(0, encoder.num_queries, encoder.dim)
+    )
     ids = [g.id for g in items]
     return GalleryFeatures(ids, {g: i for i, g in enumerate(ids)}, tokens)
 
@@ -108,15 +122,20 @@ def evaluate(
             needed = {t.target_id for t in triplets} | {t.reference_id for t in triplets}
             rest = [g for g in items if g.id not in needed]
             rng = np.random.default_rng(seed)
-            keep = rng.choice(len(rest), size=max(0, gallery_limit - len(needed)), replace=False) if rest else []
+            n_keep = min(len(rest), max(0, gallery_limit - len(needed)))
+            keep: list[int] = rng.choice(len(rest), size=n_keep, replace=False).tolist()
             items = [g for g in items if g.id in needed] + [rest[i] for i in sorted(keep)]
         gallery = encode_gallery(encoder, data_dir, items, batch_size, progress)
     missing = [t.target_id for t in triplets if t.target_id not in gallery.index]
     if missing:
-        raise ValueError(f"{len(missing)} target ids of {split} are not in the gallery, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{len(missing)} target ids of {split} are not in the gallery, e.g. {missing[:3]}"
+        )
 
     ranks: dict[str, list[int]] = {"sprc": [], "image_only": [], "text_only": []}
-    for i in tqdm(range(0, len(triplets), batch_size), desc=split, disable=not progress, unit="batch"):
+    for i in tqdm(
+        range(0, len(triplets), batch_size), desc=split, disable=not progress, unit="batch"
+    ):
         chunk = triplets[i : i + batch_size]
         tgt = [gallery.index[t.target_id] for t in chunk]  # type: ignore[index]
         excl = [gallery.index.get(t.reference_id, -1) for t in chunk]
@@ -129,9 +148,13 @@ def evaluate(
             with torch.inference_mode():
                 ref_tokens = encoder.model.target_features(feats.to(encoder.dtype)).float().cpu()
             img_q = torch.nn.functional.normalize(ref_tokens.mean(dim=1), dim=-1).numpy()
-            ranks["image_only"] += target_ranks(maxsim_scores(img_q, gallery.tokens), tgt, excl).tolist()
+            ranks["image_only"] += target_ranks(
+                maxsim_scores(img_q, gallery.tokens), tgt, excl
+            ).tolist()
             txt_q = encoder.encode_texts(texts)
-            ranks["text_only"] += target_ranks(maxsim_scores(txt_q, gallery.tokens), tgt, excl).tolist()
+            ranks["text_only"] += target_ranks(
+                maxsim_scores(txt_q, gallery.tokens), tgt, excl
+            ).tolist()
 
     main = np.asarray(ranks["sprc"])
     by_type_idx: dict[str, list[int]] = defaultdict(list)
@@ -144,13 +167,15 @@ def evaluate(
         "model": encoder.fingerprint,
         "recall": recall_at(main, ks),
         "by_type": {
-            typ: {"n": len(idx), "recall": recall_at(main[idx], ks)} for typ, idx in sorted(by_type_idx.items())
+            typ: {"n": len(idx), "recall": recall_at(main[idx], ks)}
+            for typ, idx in sorted(by_type_idx.items())
         },
         "mean_rank": float(main.mean() + 1),
     }
     if baselines:
         result["baselines"] = {
-            name: {"recall": recall_at(np.asarray(ranks[name]), ks)} for name in ("image_only", "text_only")
+            name: {"recall": recall_at(np.asarray(ranks[name]), ks)}
+            for name in ("image_only", "text_only")
         }
         for typ, idx in by_type_idx.items():
             for name in ("image_only", "text_only"):
@@ -169,11 +194,16 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'SPRC (image+text)':<22}" + "".join(f"{100 * result['recall'][k]:>9.2f}" for k in ks),
     ]
     for name, res in result.get("baselines", {}).items():
-        lines.append(f"{name.replace('_', '-') + ' baseline':<22}" + "".join(f"{100 * res['recall'][k]:>9.2f}" for k in ks))
+        lines.append(
+            f"{name.replace('_', '-') + ' baseline':<22}"
+            + "".join(f"{100 * res['recall'][k]:>9.2f}" for k in ks)
+        )
     lines.append("")
     lines.append(f"{'by type (SPRC)':<16}{'n':>6}" + "".join(f"{'R@' + k:>9}" for k in ks))
     for typ, res in result["by_type"].items():
-        lines.append(f"{typ:<16}{res['n']:>6}" + "".join(f"{100 * res['recall'][k]:>9.2f}" for k in ks))
+        lines.append(
+            f"{typ:<16}{res['n']:>6}" + "".join(f"{100 * res['recall'][k]:>9.2f}" for k in ks)
+        )
     return "\n".join(lines)
 
 

@@ -66,9 +66,12 @@ def decode_image(
     """
     if isinstance(data, (str, Path)):
         try:
-            size = Path(data).stat().st_size
+            st = Path(data).stat()
         except OSError as exc:
             raise ImageDecodeError("unreadable", str(exc)) from exc
+        if not Path(data).is_file():
+            raise ImageDecodeError("unreadable", f"{data} is not a regular file")
+        size = st.st_size
         if size == 0:
             raise ImageDecodeError("empty", "zero-byte file")
         src: io.BytesIO | str = str(data)

@@ -98,7 +98,14 @@ class SPRCModel(nn.Module):
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                module.weight.normal_(0.0, std, generator=generator)
+                w_std = std
+                if self.config.init_scheme == "fan_in":
+                    # Narrow from-scratch models: N(0, 0.02) shrinks every projection's output by
+                    # ~0.02*sqrt(fan_in), so the image barely reaches the Q-Former outputs (cosine
+                    # 0.99999 between different images) and training stalls at chance. At BERT-base
+                    # width the two schemes nearly agree; converted checkpoints never init.
+                    w_std = max(std, module.weight[0].numel() ** -0.5)
+                module.weight.normal_(0.0, w_std, generator=generator)
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
@@ -109,7 +116,12 @@ class SPRCModel(nn.Module):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
         emb = self.vision_model.embeddings
-        for p in (emb.class_embedding, emb.position_embedding, self.query_tokens, self.prompt_tokens):
+        for p in (
+            emb.class_embedding,
+            emb.position_embedding,
+            self.query_tokens,
+            self.prompt_tokens,
+        ):
             p.normal_(0.0, std, generator=generator)
         self.temp.fill_(self.config.temp_init)
         self.reset_buffers()
@@ -148,7 +160,13 @@ class SPRCModel(nn.Module):
         queries = self.query_tokens.expand(b, -1, -1)
         q = queries.shape[1]
         embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
-        mask = torch.cat([torch.ones(b, q, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
+        mask = torch.cat(
+            [
+                torch.ones(b, q, dtype=attention_mask.dtype, device=attention_mask.device),
+                attention_mask,
+            ],
+            1,
+        )
         out = self.qformer(
             query_embeds=embeds,
             query_length=q,  # explicit: queries use the query FFN + cross-attention, text does not
@@ -166,33 +184,51 @@ class SPRCModel(nn.Module):
         [B, D], L2-normalised."""
         b, q = prompt.shape[0], prompt.shape[1]
         embeds = self.embeddings(input_ids=input_ids, query_embeds=prompt)
-        mask = torch.cat([torch.ones(b, q, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
-        out = self.qformer(query_embeds=embeds, query_length=0, attention_mask=mask).last_hidden_state
+        mask = torch.cat(
+            [
+                torch.ones(b, q, dtype=attention_mask.dtype, device=attention_mask.device),
+                attention_mask,
+            ],
+            1,
+        )
+        out = self.qformer(
+            query_embeds=embeds, query_length=0, attention_mask=mask
+        ).last_hidden_state
         return F.normalize(self.text_projection(out[:, q]), dim=-1)
 
     def composed_query(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Reference ViT features + caption -> composed query. [B, D]."""
-        return self.compose(self.sentence_prompt(image_embeds, input_ids, attention_mask), input_ids, attention_mask)
+        return self.compose(
+            self.sentence_prompt(image_embeds, input_ids, attention_mask), input_ids, attention_mask
+        )
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """BLIP-2's text path ([CLS] of a text-only pass). [B, D], L2-normalised."""
         out = self.qformer(
-            query_embeds=self.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
+            query_embeds=self.embeddings(input_ids=input_ids),
+            query_length=0,
+            attention_mask=attention_mask,
         ).last_hidden_state
         return F.normalize(self.text_projection(out[:, 0]), dim=-1)
 
-    def prompt_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prompt_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """loss_rtc path: layout [CLS, prompt_tokens x Q, caption tokens...], text FFN only,
         text_proj of position 0. [B, D], L2-normalised."""
         b = input_ids.shape[0]
         text = self.embeddings(input_ids=input_ids)  # word + position embeddings
         prompt = self.prompt_tokens.expand(b, -1, -1).to(text.dtype)
         embeds = torch.cat([text[:, :1], prompt, text[:, 1:]], dim=1)
-        ones = torch.ones(b, prompt.shape[1], dtype=attention_mask.dtype, device=attention_mask.device)
+        ones = torch.ones(
+            b, prompt.shape[1], dtype=attention_mask.dtype, device=attention_mask.device
+        )
         mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
-        out = self.qformer(query_embeds=embeds, query_length=0, attention_mask=mask).last_hidden_state
+        out = self.qformer(
+            query_embeds=embeds, query_length=0, attention_mask=mask
+        ).last_hidden_state
         return F.normalize(self.text_projection(out[:, 0]), dim=-1)
 
     # ---------------------------------------------------------------- training
@@ -225,7 +261,9 @@ class SPRCModel(nn.Module):
         rtc_query = self.prompt_text_features(input_ids, attention_mask)
         loss_rtc = F.cross_entropy(self.max_sim(rtc_query, tgt) / self.temp, labels)
 
-        loss_align = F.mse_loss(prompt.mean(dim=1), self.prompt_tokens.detach().mean(dim=1).expand(prompt.shape[0], -1))
+        loss_align = F.mse_loss(
+            prompt.mean(dim=1), self.prompt_tokens.detach().mean(dim=1).expand(prompt.shape[0], -1)
+        )
 
         w_itc, w_rtc, w_align = weights
         loss = w_itc * loss_itc + w_rtc * loss_rtc + w_align * loss_align

@@ -51,9 +51,10 @@ class ImagePreprocessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = self.resize_crop(self.target_pad(to_rgb(image)))
-        arr = np.asarray(image, dtype=np.float32) / 255.0  # [S, S, 3]
-        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        arr: np.ndarray = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # [S, S, 3]
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(((arr - mean) / std).transpose(2, 0, 1)))
 
     def batch(self, images: list[Image.Image]) -> torch.Tensor:
         """[N, 3, S, S] float32."""

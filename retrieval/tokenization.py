@@ -88,7 +88,9 @@ class QFormerTokenizer:
     def save(self, folder: str | Path) -> None:
         """Writes ``vocab.txt`` (ids are line numbers)."""
         ordered = sorted(self.vocab.items(), key=lambda kv: kv[1])
-        Path(folder, "vocab.txt").write_text("".join(t + "\n" for t, _ in ordered), encoding="utf-8")
+        Path(folder, "vocab.txt").write_text(
+            "".join(t + "\n" for t, _ in ordered), encoding="utf-8"
+        )
 
     def tokenize(self, text: str) -> list[str]:
         return self._tok.encode(text, add_special_tokens=False).tokens

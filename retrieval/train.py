@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from retrieval.config import get_config
 from retrieval.data.triplets import load_triplets, resolve_path
 from retrieval.encoder import Encoder, build_model, load_model_weights, resolve_device, set_threads
-from retrieval.config import get_config
 from retrieval.imageio import decode_image
 from retrieval.preprocess import ImagePreprocessor
 from retrieval.tokenization import QFormerTokenizer
@@ -78,8 +78,12 @@ class ImageBank:
         s = encoder_pre.size
         self.data = torch.empty((len(paths), 3, s, s), dtype=torch.uint8)
         for i, p in enumerate(tqdm(paths, desc="loading images", unit="img", mininterval=2)):
-            im = encoder_pre.resize_crop(encoder_pre.target_pad(decode_image(resolve_path(data_dir, p))))
-            self.data[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
+            im = encoder_pre.resize_crop(
+                encoder_pre.target_pad(decode_image(resolve_path(data_dir, p)))
+            )
+            self.data[i] = torch.from_numpy(
+                np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+            )
         self.mean = torch.tensor(encoder_pre.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(encoder_pre.std).view(1, 3, 1, 1)
 
@@ -159,7 +163,10 @@ class Trainer:
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=cfg.lr,
             betas=cfg.betas,
             eps=cfg.eps,
@@ -229,11 +236,15 @@ class Trainer:
         tgt = self.bank.batch([t.target for t in batch]).to(self.device)
         tok = self.tokenizer([t.caption for t in batch], device=self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.model(ref, tgt, tok.input_ids, tok.attention_mask, weights=self.cfg.loss_weights)
+            out = self.model(
+                ref, tgt, tok.input_ids, tok.attention_mask, weights=self.cfg.loss_weights
+            )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip
+            )
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
@@ -249,7 +260,10 @@ class Trainer:
         return Encoder(self.model, self.tokenizer, device=self.device, dtype="float32")
 
     def validate(self) -> dict[str, Any] | None:
-        if not (self.data_dir / "val.jsonl").is_file() or not (self.data_dir / "gallery.jsonl").is_file():
+        if (
+            not (self.data_dir / "val.jsonl").is_file()
+            or not (self.data_dir / "gallery.jsonl").is_file()
+        ):
             return None
         from retrieval.evaluate import evaluate
 
@@ -266,13 +280,17 @@ class Trainer:
         self.model.train(was_training)
         return res
 
-    def fit(self, resume: bool = True) -> dict[str, Any]:
+    def fit(self, resume: bool = True, until: int | None = None) -> dict[str, Any]:
+        """Train to ``total_steps`` (or stop after global step ``until``, checkpointing, as an
+        interrupted run would)."""
         if resume:
             self.load_checkpoint()
         cfg = self.cfg
         t0 = time.perf_counter()
         deadline = t0 + cfg.time_budget_min * 60 if cfg.time_budget_min > 0 else None
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", mininterval=2)
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc="train", unit="step", mininterval=2
+        )
         stopped = "completed"
         window: list[float] = []
         last_log = time.perf_counter()
@@ -287,20 +305,40 @@ class Trainer:
                 last_log = now
                 bar.set_postfix(loss=f"{np.mean(window):.3f}", sps=f"{sps:.2f}")
                 window.clear()
-                self._log({"step": self.step, **losses, "lr": self.scheduler.get_last_lr()[0],
-                           "temp": float(self.model.temp.detach()), "elapsed_s": round(now - t0, 1)})
+                self._log(
+                    {
+                        "step": self.step,
+                        **losses,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "temp": float(self.model.temp.detach()),
+                        "elapsed_s": round(now - t0, 1),
+                    }
+                )
             if cfg.validate and self.step % self.steps_per_epoch == 0:
                 res = self.validate()
                 if res:
-                    logger.info("epoch %d val R@1/5/10 %s", self.step // self.steps_per_epoch, res["recall"])
-                    self._log({"step": self.step, "epoch": self.step // self.steps_per_epoch, "val": res["recall"]})
+                    logger.info(
+                        "epoch %d val R@1/5/10 %s", self.step // self.steps_per_epoch, res["recall"]
+                    )
+                    self._log(
+                        {
+                            "step": self.step,
+                            "epoch": self.step // self.steps_per_epoch,
+                            "val": res["recall"],
+                        }
+                    )
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint()
             if deadline is not None and time.perf_counter() > deadline:
                 stopped = "time-budget"
                 break
+            if until is not None and self.step >= until:
+                stopped = "interrupted"
+                break
         bar.close()
         self.save_checkpoint()
+        if stopped == "interrupted":
+            return {"steps": self.step, "stopped": stopped}
         final = self.out / "model"
         self.encoder().save_pretrained(final, weights_dtype=cfg.weights_dtype)
         summary = {

@@ -223,8 +223,9 @@ class CIRServer:
                 and not self.settings.force
             ):
                 raise StartupError(
-                    f"refusing to start: index fingerprint {meta.encoder_fingerprint} differs "
-                    f"from the encoder's {encoder.fingerprint}"
+                    f"refusing to start: the index was built by another encoder "
+                    f"(index fingerprint {meta.encoder_fingerprint}, encoder "
+                    f"{encoder.fingerprint}); pass --force to serve anyway"
                 )
         logger.info("model and index ready in %.1fs", time.perf_counter() - t0)
         return Engine(self.settings, encoder, index)

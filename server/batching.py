@@ -86,7 +86,8 @@ class MicroBatcher:
 
     def retry_after_ms(self) -> int:
         """Rough time until the current queue has drained."""
-        est = self._per_query_s * max(1, self.depth) * 1000.0
+        # the queued queries' processing plus one batch-filling wait
+        est = (self._per_query_s * max(1, self.depth) + self.max_wait_s) * 1000.0
         return int(min(5000.0, max(20.0, est)))
 
     # ------------------------------------------------------------------ lifecycle

@@ -229,9 +229,12 @@ class CIRClient:
                 raise from_rpc_error(exc) from None
 
         def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, (ServerUnavailableError, ResourceExhaustedError)) and (
-                deadline - time.monotonic() > 0
-            )
+            if deadline - time.monotonic() <= 0:
+                return False
+            if isinstance(exc, ResourceExhaustedError):
+                # queue full (the server sends retry-after-ms); a too-large message is not
+                return exc.retry_after_ms is not None
+            return isinstance(exc, ServerUnavailableError)
 
         retrying = Retrying(
             stop=stop_after_attempt(self.retries + 1),

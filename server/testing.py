@@ -116,9 +116,10 @@ def add_version(
         meta = VersionMeta(
             encoder.fingerprint, encoder.preset, (tokens.shape[1], tokens.shape[2]), dict(FIELDS)
         )
-        with idx.create_version(meta) as v:
-            v.upsert(list(ids), tokens, payloads)
-            version = v.version
+        handle = idx.create_version(meta)
+        with handle:
+            handle.upsert(list(ids), tokens, payloads)
+        version = handle.version
         idx.activate(version)
     finally:
         idx.close()

@@ -33,10 +33,34 @@ from retrieval.modeling_sprc import SPRCModel
 from retrieval.tokenization import QFormerTokenizer
 
 # A small BERT-like vocabulary (no [DEC]: the converter must append it as bos, as LAVIS does).
-BASE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
-    "a the red blue green circle square star left right make it bigger smaller add remove "
-    "and with dog cat ##s move to of change color"
-).split()
+BASE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
+    "a",
+    "the",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "star",
+    "left",
+    "right",
+    "make",
+    "it",
+    "bigger",
+    "smaller",
+    "add",
+    "remove",
+    "and",
+    "with",
+    "dog",
+    "cat",
+    "##s",
+    "move",
+    "to",
+    "of",
+    "change",
+    "color",
+]
 VOCAB_SIZE = len(BASE_VOCAB) + 1  # + [DEC]
 CAPTIONS = ["make the circle red", "add a blue star to the left and remove the squares"]
 
@@ -186,13 +210,20 @@ def test_blip2_hf_sharded_and_float16(hf_dir: Path, tmp_path: Path) -> None:
     from transformers import Blip2ForImageTextRetrieval
 
     sharded = tmp_path / "sharded"
-    Blip2ForImageTextRetrieval.from_pretrained(hf_dir).save_pretrained(sharded, max_shard_size="100KB")
+    Blip2ForImageTextRetrieval.from_pretrained(hf_dir).save_pretrained(
+        sharded, max_shard_size="100KB"
+    )
     assert (sharded / "model.safetensors.index.json").is_file()
     for name in ("vocab.txt", "added_tokens.json"):
         (sharded / name).write_text((hf_dir / name).read_text())
     a = convert_blip2_hf(hf_dir, tmp_path / "a")
     b = convert_blip2_hf(sharded, tmp_path / "b")
     assert a.fingerprint == b.fingerprint
+
+    binary = _copy_src(hf_dir, tmp_path / "bin")
+    torch.save(load_file(str(binary / "model.safetensors")), binary / "pytorch_model.bin")
+    (binary / "model.safetensors").unlink()
+    assert convert_blip2_hf(binary, tmp_path / "c").fingerprint == a.fingerprint
 
     half = convert_blip2_hf(hf_dir, tmp_path / "half", dtype="float16")
     stored = load_file(str(tmp_path / "half" / "model.safetensors"))
@@ -237,7 +268,9 @@ def test_blip2_hf_unexpected_and_missing_keys_are_named(hf_dir: Path, tmp_path: 
     state = load_file(str(src / "model.safetensors"))
     state["qformer.encoder.layer.0.attention.attention.rotary.weight"] = torch.zeros(2)
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ConversionError, match=r"qformer\.encoder\.layer\.0\.attention\.attention\.rotary"):
+    with pytest.raises(
+        ConversionError, match=r"qformer\.encoder\.layer\.0\.attention\.attention\.rotary"
+    ):
         convert_blip2_hf(src, tmp_path / "out1")
     assert not (tmp_path / "out1" / "model.safetensors").exists()
 
@@ -245,14 +278,18 @@ def test_blip2_hf_unexpected_and_missing_keys_are_named(hf_dir: Path, tmp_path: 
     state = load_file(str(src / "model.safetensors"))
     del state["qformer.encoder.layer.1.output_query.dense.weight"]
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ConversionError, match=r"missing.*qformer\.encoder\.layer\.1\.output_query\.dense\.weight"):
+    with pytest.raises(
+        ConversionError, match=r"missing.*qformer\.encoder\.layer\.1\.output_query\.dense\.weight"
+    ):
         convert_blip2_hf(src, tmp_path / "out2")
 
     src = _copy_src(hf_dir, tmp_path / "shape")
     state = load_file(str(src / "model.safetensors"))
     state["text_projection.weight"] = torch.zeros(128, 64)
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ConversionError, match=r"text_projection\.weight \(128, 64\) != \(256, 64\)"):
+    with pytest.raises(
+        ConversionError, match=r"text_projection\.weight \(128, 64\) != \(256, 64\)"
+    ):
         convert_blip2_hf(src, tmp_path / "out3")
 
 
@@ -309,7 +346,9 @@ def _tiny_model(seed: int = 3) -> SPRCModel:
     return model.eval()
 
 
-def _lavis_file(model: SPRCModel, path: Path, drop: str | None = None, add: dict | None = None) -> Path:
+def _lavis_file(
+    model: SPRCModel, path: Path, drop: str | None = None, add: dict | None = None
+) -> Path:
     lavis = ours_to_lavis({k: v.clone() for k, v in model.state_dict().items()})
     for k in list(lavis):
         if k.startswith("visual_encoder."):
@@ -324,7 +363,9 @@ def _lavis_file(model: SPRCModel, path: Path, drop: str | None = None, add: dict
     lavis["Qformer.cls.predictions.transform.dense.bias"] = torch.zeros(h)
     lavis["Qformer.cls.predictions.transform.LayerNorm.weight"] = torch.ones(h)
     lavis["Qformer.cls.predictions.transform.LayerNorm.bias"] = torch.zeros(h)
-    lavis["Qformer.cls.predictions.decoder.weight"] = lavis["Qformer.bert.embeddings.word_embeddings.weight"]
+    lavis["Qformer.cls.predictions.decoder.weight"] = lavis[
+        "Qformer.bert.embeddings.word_embeddings.weight"
+    ]
     lavis["Qformer.cls.predictions.decoder.bias"] = lavis["Qformer.cls.predictions.bias"]
     if drop:
         del lavis[drop]
@@ -349,12 +390,16 @@ def test_lavis_key_maps_are_inverse_for_every_preset() -> None:
 
 def test_lavis_known_names() -> None:
     """Spot checks against the table in /work/shared/sprc-facts.md."""
-    assert lavis_key_to_ours("visual_encoder.cls_token") == "vision_model.embeddings.class_embedding"
+    assert (
+        lavis_key_to_ours("visual_encoder.cls_token") == "vision_model.embeddings.class_embedding"
+    )
     assert lavis_key_to_ours("visual_encoder.blocks.38.attn.proj.weight") == (
         "vision_model.encoder.layers.38.self_attn.projection.weight"
     )
     assert lavis_key_to_ours("ln_vision.bias") == "vision_model.post_layernorm.bias"
-    assert lavis_key_to_ours("Qformer.bert.embeddings.LayerNorm.weight") == "qformer.layernorm.weight"
+    assert (
+        lavis_key_to_ours("Qformer.bert.embeddings.LayerNorm.weight") == "qformer.layernorm.weight"
+    )
     assert lavis_key_to_ours("Qformer.bert.encoder.layer.4.crossattention.self.key.weight") == (
         "qformer.encoder.layer.4.crossattention.attention.key.weight"
     )
@@ -440,8 +485,16 @@ def test_sprc_lavis_accepts_model_key_and_bare_state(tmp_path: Path) -> None:
             r"unexpected.*visual_encoder\.blocks\.2\.norm1\.weight",
         ),
         # a Qformer.cls key outside the documented list
-        (None, {"Qformer.cls.seq_relationship.weight": torch.zeros(2, 64)}, r"Qformer\.cls\.seq_relationship"),
-        (None, {"prompt_tokens": torch.zeros(1, 16, 64)}, r"prompt_tokens \(1, 16, 64\) != \(1, 32, 64\)"),
+        (
+            None,
+            {"Qformer.cls.seq_relationship.weight": torch.zeros(2, 64)},
+            r"Qformer\.cls\.seq_relationship",
+        ),
+        (
+            None,
+            {"prompt_tokens": torch.zeros(1, 16, 64)},
+            r"prompt_tokens \(1, 16, 64\) != \(1, 32, 64\)",
+        ),
     ],
 )
 def test_sprc_lavis_key_errors_name_the_key(
@@ -465,6 +518,9 @@ def test_sprc_lavis_vocab_is_required_and_checked(tmp_path: Path) -> None:
     assert enc.config.name == "sprc-tiny" and enc.config.tokenizer == "folder"
     lines = (tmp_path / "o3" / "vocab.txt").read_text().splitlines()
     assert lines == [*BASE_VOCAB, "[DEC]"]
+    # a folder holding vocab.txt (the blip2-itm-vit-g download) gives the same tokenizer
+    same = convert_sprc_lavis(src, tmp_path / "o5", config="tiny", vocab=tmp_path, name="sprc-tiny")
+    assert same.fingerprint == enc.fingerprint
     with pytest.raises(ConversionError, match="unknown preset"):
         convert_sprc_lavis(src, tmp_path / "o4", config="no-such-preset", vocab="builtin")
 

@@ -149,7 +149,9 @@ def test_gallery_pick_and_filters(app: Any, gallery: Gallery) -> None:
     at.number_input(key="flt_size_min").set_value(30)
     search(at, "same shape")
     results = at.session_state["results"]
-    assert results and all(h.payload["color"] == "blue" and h.payload["size"] >= 30 for h in results)
+    assert results and all(
+        h.payload["color"] == "blue" and h.payload["size"] >= 30 for h in results
+    )
     assert at.session_state["query"].filter == {"color": "blue", "size": {"gte": 30}}
 
     # by id, including an unknown one

@@ -450,6 +450,15 @@ def test_second_opener_gets_pid(backend, tmp_path):
         assert ei.value.pid == child.pid
         assert time.time() - t0 < 5  # never a hang
         if backend == "edge":
+            # reopening the served version (to write or to read) names the holder too
+            other = open_index(uri, "g")
+            active = other.active_version
+            assert active is not None
+            for ro in (False, True):
+                with pytest.raises(IndexInUseError, match=f"process {child.pid}") as ei:
+                    other.open_version(active, read_only=ro)
+                assert ei.value.pid == child.pid
+            other.close()
             # a new version can still be built (and activated) while the holder serves
             other = open_index(uri, "g")
             with other.create_version(VersionMeta("x", "", (Q, D))) as v:
@@ -462,3 +471,215 @@ def test_second_opener_gets_pid(backend, tmp_path):
     # a dead owner never blocks: the kernel released its lock
     with open_index(uri, "g") as idx:
         assert idx.count() == 30
+
+
+# ------------------------------------------------------------------ reopen, scroll, metadata
+def test_open_version_resume_and_read_only(backend, tmp_path):
+    ids, toks, payloads = make_data(60)
+    uri = uri_for(backend, tmp_path)
+    idx = open_index(uri, "g", encoder_fingerprint="enc-A", fields=FIELDS)
+    idx.upsert(ids[:10], toks[:10], payloads[:10])  # v1, active
+    meta = VersionMeta("enc-A", "test", (Q, D), FIELDS, {"build_key": "k"})
+    with idx.create_version(meta) as v:
+        v.upsert(ids[:30], toks[:30], payloads[:30])  # a build killed half-way
+    version = v.version
+    if backend == "edge":  # another object (e.g. a resumed indexer run) picks it up
+        idx.close()
+        idx = open_index(uri, "g", encoder_fingerprint="enc-A")
+    with idx.open_version(version) as h:  # resume: same handle type as create_version
+        assert h.version == version and h.meta.extra == {"build_key": "k"}
+        assert h.count() == 30 and not h.read_only
+        h.upsert(ids[30:], toks[30:], payloads[30:])
+        assert h.count() == 60
+    assert idx.count() == 10  # the active version is untouched
+    with idx.open_version(version, read_only=True) as h:  # verify before activate
+        assert h.count() == 60 and h.read_only
+        hit = h.search(toks[42, 1], top_k=1, mode="exact")[0]
+        assert hit.id == ids[42] and hit.payload == payloads[42]
+        with pytest.raises(GalleryIndexError, match="read-only"):
+            h.upsert(ids[:1], toks[:1])
+        with pytest.raises(GalleryIndexError, match="read-only"):
+            h.delete(ids[:1])
+    with pytest.raises(GalleryIndexError, match="closed"):
+        h.count()
+    idx.activate(version)
+    assert idx.count() == 60
+    # the active version this object already serves: the handle shares it
+    with idx.open_version(version, read_only=True) as h:
+        assert h.count() == 60
+    assert idx.count() == 60  # still open after the handle closed
+    with pytest.raises(IndexNotFoundError):
+        idx.open_version("v000099")
+    with pytest.raises(IndexNotFoundError):
+        idx.open_version("nope")
+    idx.close()
+    ro = open_index(uri, "g", encoder_fingerprint="enc-A", read_only=True)
+    with pytest.raises(GalleryIndexError, match="read-only"):
+        ro.open_version(version)
+    ro.close()
+
+
+def test_open_version_model_guard(backend, tmp_path):
+    ids, toks, _ = make_data(20)
+    uri = uri_for(backend, tmp_path)
+    with open_index(uri, "g", encoder_fingerprint="enc-A") as idx:
+        idx.upsert(ids, toks)
+        with idx.create_version(VersionMeta("enc-B", "", (Q, D))) as v:
+            v.upsert(ids[:5], toks[:5])
+        with pytest.raises(ModelMismatchError, match="enc-B"):
+            idx.open_version(v.version)
+
+
+def test_open_version_twice_in_one_process(tmp_path):
+    ids, toks, _ = make_data(20)
+    with open_index(uri_for("edge", tmp_path), "g") as idx:
+        idx.upsert(ids, toks)
+        with idx.create_version(VersionMeta("x", "", (Q, D))) as v:
+            v.upsert(ids, toks)
+        h = idx.open_version(v.version)
+        with pytest.raises(IndexInUseError, match="this process") as ei:
+            idx.open_version(v.version, read_only=True)
+        assert ei.value.pid == os.getpid()
+        h.close()
+        with idx.open_version(v.version, read_only=True) as h2:
+            assert h2.count() == 20
+
+
+def test_scroll_and_sample(filled):
+    idx, ids, toks, payloads = filled
+    seen: list[str] = []
+    offset = None
+    pages = 0
+    while True:
+        recs, offset = idx.scroll(limit=70, offset=offset)
+        seen += [r.id for r in recs]
+        pages += 1
+        if offset is None:
+            break
+    assert pages == 5 and len(seen) == N and set(seen) == set(ids)  # none twice, none lost
+    by_id = dict(zip(ids, payloads, strict=True))
+    recs, _ = idx.scroll(limit=5)
+    assert all(r.payload == by_id[r.id] and r.tokens is None for r in recs)
+    # skip a heavy key / keep only some keys / ids only
+    recs, _ = idx.scroll(limit=5, with_payload={"exclude": ["title"]})
+    assert all("title" not in r.payload and r.payload["category"] for r in recs)
+    recs, _ = idx.scroll(limit=5, with_payload=["title"])
+    assert all(r.payload == {"title": by_id[r.id]["title"]} for r in recs)
+    recs, _ = idx.scroll(limit=5, with_payload=False)
+    assert all(r.payload == {} and r.id in by_id for r in recs)
+    recs, _ = idx.scroll(limit=3, with_vectors=True)
+    tok = {i: t for i, t in zip(ids, toks, strict=True)}
+    for r in recs:
+        assert r.tokens is not None and np.allclose(r.tokens, tok[r.id], atol=1e-5)
+    bags = list(idx.iter_records(batch=17, filter={"category": "bag"}))
+    assert {r.id for r in bags} == {i for i, p in by_id.items() if p["category"] == "bag"}
+    assert len(list(idx.iter_records(batch=1000, with_payload=False))) == N
+    got = idx.get(ids[:3], with_payload={"exclude": ["title", "price"]})
+    assert [r.id for r in got] == ids[:3] and "price" not in got[0].payload
+    for bad in ({"limit": 0}, {"limit": 10_001}, {"with_payload": "title"}):
+        with pytest.raises(InvalidQueryError):
+            idx.scroll(**bad)
+    with pytest.raises(InvalidQueryError):
+        idx.scroll(with_payload={"include": ["x"]})
+    with pytest.raises(InvalidFilterError):
+        idx.scroll(filter={"title": "x"})
+    # seeded sample: reproducible, distinct, uniform over the ids
+    a, b = idx.sample(12, seed=3), idx.sample(12, seed=3)
+    assert [r.id for r in a] == [r.id for r in b] and len({r.id for r in a}) == 12
+    assert [r.id for r in idx.sample(12, seed=4)] != [r.id for r in a]
+    assert all(r.payload == by_id[r.id] for r in a)
+    assert len(idx.sample(5000, seed=1)) == N
+    light = idx.sample(4, with_payload={"exclude": ["title"]})
+    assert len({r.id for r in light}) == 4 and all("title" not in r.payload for r in light)
+    with pytest.raises(InvalidQueryError):
+        idx.sample(0)
+
+
+def test_version_handles_scroll(backend, tmp_path):
+    ids, toks, payloads = make_data(40)
+    idx = open_index(uri_for(backend, tmp_path), "g", fields=FIELDS)
+    with idx.create_version(VersionMeta("x", "", (Q, D), FIELDS)) as v:
+        v.upsert(ids, toks, payloads)
+        assert {r.id for r in v.iter_records(batch=9)} == set(ids)
+        assert len(v.sample(7, seed=0)) == 7
+        recs, nxt = v.scroll(limit=40, with_payload=["category"])
+        assert nxt is None and len(recs) == 40
+    idx.close()
+
+
+def test_version_meta_update_and_ever_active(backend, tmp_path):
+    ids, toks, payloads = make_data(30)
+    uri = uri_for(backend, tmp_path)
+    idx = open_index(uri, "g", encoder_fingerprint="enc-A", fields=FIELDS)
+    idx.upsert(ids, toks, payloads)
+    v1 = idx.active_version
+    meta = VersionMeta("enc-A", "", (Q, D), FIELDS, {"build_key": "k", "n": 1})
+    with idx.create_version(meta) as v:
+        v.upsert(ids[:10], toks[:10])
+    v2 = v.version
+    with idx.create_version(meta) as v:
+        v.upsert(ids[:5], toks[:5])
+    v3 = v.version  # never activated: an unfinished build
+    t0 = time.time()
+    idx.activate(v2)
+    assert idx.rollback() == v1
+    info = {x.version: x for x in idx.versions()}
+    assert info[v1].active and info[v1].ever_active and info[v1].activated_at is not None
+    # rolled back from: not active, but it was (a plain build must not resume it)
+    assert not info[v2].active and info[v2].ever_active
+    assert info[v2].activated_at is not None and info[v2].activated_at >= t0 - 1
+    assert not info[v3].ever_active and info[v3].activated_at is None
+    first = info[v2].activated_at
+    idx.activate(v2)  # a second activation keeps the first time
+    assert {x.version: x for x in idx.versions()}[v2].activated_at == first
+    new = idx.update_version_meta(v3, {"verified": True, "n": None})
+    assert new.extra == {"build_key": "k", "verified": True}
+    assert new.encoder_fingerprint == "enc-A" and new.fields == FIELDS
+    idx.update_version_meta(v2, {"note": "x"})  # the active one too
+    assert idx.meta is not None and idx.meta.extra["note"] == "x"
+    with pytest.raises(IndexNotFoundError):
+        idx.update_version_meta("v000099", {"a": 1})
+    idx.close()
+    with open_index(uri, "g", encoder_fingerprint="enc-A") as idx:  # persisted
+        info = {x.version: x for x in idx.versions()}
+        assert info[v3].meta.extra == {"build_key": "k", "verified": True}
+        assert info[v2].ever_active and not info[v3].ever_active
+
+
+def test_qdrant_version_creation_claims_the_number(tmp_path):
+    """Two creators that pick the same number: the collection create is the claim, so the
+    second one moves on instead of sharing (or overwriting) the version."""
+    ids, toks, _ = make_data(10)
+    idx = open_index(uri_for("local", tmp_path), "g")
+    idx.upsert(ids, toks)  # v000001
+    client = idx.client  # type: ignore[attr-defined]
+    real_exists = client.collection_exists
+    # another process claimed v000002 between our check and our create, and has not written
+    # its catalog entry yet (or died): our existence check does not see it
+    client.create_collection(
+        "g__v000002",
+        vectors_config=__import__("qdrant_client").models.VectorParams(size=1, distance="Dot"),
+    )
+    client.collection_exists = lambda name: False if name == "g__v000002" else real_exists(name)
+    try:
+        with idx.create_version(VersionMeta("x", "", (Q, D))) as v:
+            v.upsert(ids, toks)
+        assert v.version == "v000003"
+    finally:
+        client.collection_exists = real_exists
+    assert [x.version for x in idx.versions()] == ["v000001", "v000003"]  # orphan not listed
+    idx.close()
+
+
+def test_fast_plan_from_recall_target():
+    from retrieval.index.common import FAST_RECALL_TABLE, fast_plan
+
+    for target, cands in FAST_RECALL_TABLE:
+        assert fast_plan(10, 0, {"fast_recall": target})[0] == cands
+    lo = fast_plan(10, 0, {"fast_recall": 0.5})[0]
+    hi = fast_plan(10, 0, {"fast_recall": 0.999})[0]
+    assert lo <= fast_plan(10, 0, {})[0] <= hi
+    big, ef = fast_plan(1000, 500, {"fast_recall": 0.9})
+    assert big >= 8 * 1500 and ef >= big  # deeper pages get more; ef never below L
+    assert fast_plan(10, 0, {"fast_min_candidates": 300, "fast_hnsw_ef": 10}) == (300, 300)
+    assert fast_plan(10, 0, {"fast_min_candidates": 300, "fast_ef_factor": 2}) == (300, 600)

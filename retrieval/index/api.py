@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +31,11 @@ MAX_TOP_K = 1000
 AUTO_FAST_MIN_POINTS = 20_000
 #: Payload key holding the caller's string id (Qdrant point ids must be uuid or int).
 ID_KEY = "_id"
+
+#: What payload to return from ``scroll``/``get``/``sample``: ``True`` (all), ``False`` (none),
+#: a list of keys to include (``["path", "category"]``), or ``{"exclude": ["thumbnail"]}`` (all
+#: but those keys; e.g. to skip a heavy thumbnail). The caller's id is always returned.
+PayloadSelector = bool | Sequence[str] | Mapping[str, Sequence[str]]
 
 #: A filter: ``{"category": "bag", "price": {"gte": 10, "lt": 50}, "color": ["red", "blue"]}``.
 #: Per field: a scalar (equality), a list (any-of), or a dict with ``gte``/``gt``/``lte``/``lt``
@@ -96,6 +101,12 @@ class VersionInfo:
     created: float  # unix time
     count: int | None  # points (None when not cheaply known, e.g. shard owned by another process)
     active: bool  # the name currently points to it
+    # unix time of the first activation (None: never activated, or activated before this was
+    # recorded, see ever_active)
+    activated_at: float | None = None
+    # was ever the active version (activated_at set, active now, or in the rollback history):
+    # a version that is not ever_active is an unfinished build; one that is was rolled back from
+    ever_active: bool = False
 
 
 class IndexView(abc.ABC):
@@ -161,11 +172,73 @@ class IndexView(abc.ABC):
         """Number of points (matching ``filter`` if given)."""
 
     @abc.abstractmethod
-    def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
+    def get(
+        self, ids: Sequence[str], with_vectors: bool = False, with_payload: PayloadSelector = True
+    ) -> list[Record]:
         """Records for the ids that exist, in the order given (missing ids are skipped).
 
         ``with_vectors=True`` fills ``Record.tokens`` ``[Q, D]`` float32 (the stored originals).
+        ``with_payload``: see :data:`PayloadSelector`.
         """
+
+    @abc.abstractmethod
+    def scroll(
+        self,
+        limit: int = 256,
+        offset: str | None = None,
+        with_payload: PayloadSelector = True,
+        with_vectors: bool = False,
+        filter: Filter | None = None,
+    ) -> tuple[list[Record], str | None]:
+        """One page of points in the engine's order (by point id): ``(records, next_offset)``.
+
+        Start with ``offset=None`` and pass each ``next_offset`` back until it is ``None``.
+        ``limit`` in [1, 10000]. ``with_payload``: see :data:`PayloadSelector`, e.g.
+        ``{"exclude": ["thumbnail"]}``. ``with_vectors=True`` fills ``Record.tokens``.
+        Points written during a scroll may or may not be seen; none is returned twice.
+        """
+
+    def iter_records(
+        self,
+        batch: int = 1000,
+        with_payload: PayloadSelector = True,
+        with_vectors: bool = False,
+        filter: Filter | None = None,
+    ) -> Iterator[Record]:
+        """Every point (matching ``filter``), page by page with :meth:`scroll`."""
+        offset: str | None = None
+        while True:
+            recs, offset = self.scroll(batch, offset, with_payload, with_vectors, filter)
+            yield from recs
+            if offset is None or not recs:
+                return
+
+    def sample(
+        self, n: int, seed: int | None = None, with_payload: PayloadSelector = True
+    ) -> list[Record]:
+        """``n`` distinct points drawn uniformly at random (all of them when fewer exist).
+
+        ``seed`` given: reproducible (same data + seed -> same sample, in the same order); it
+        reads every id once (one id-only scroll: about 0.1 s per 100k points). ``seed=None``: the
+        engine's own random sample (one call, cheaper, not reproducible).
+        """
+        from retrieval.index.common import check_count
+
+        check_count(n)
+        if seed is None:
+            return self._engine_sample(n, with_payload)
+        ids = sorted(r.id for r in self.iter_records(10_000, with_payload=False))
+        if not ids:
+            return []
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(ids), size=min(n, len(ids)), replace=False)
+        return self.get([ids[i] for i in pick], with_payload=with_payload)
+
+    def _engine_sample(self, n: int, with_payload: PayloadSelector) -> list[Record]:
+        """Backend hook for ``sample(seed=None)``; default: the seeded path with a fresh seed."""
+        return self.sample(
+            n, seed=int(np.random.default_rng().integers(2**31)), with_payload=with_payload
+        )
 
     # ---- schema / info ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -201,6 +274,7 @@ class VersionHandle(IndexView):
 
     version: str  # the version id, e.g. "v000004"
     meta: VersionMeta
+    read_only: bool  # opened with open_version(..., read_only=True): writes raise
 
 
 class GalleryIndex(IndexView):
@@ -237,6 +311,26 @@ class GalleryIndex(IndexView):
 
         Payload indexes are made for ``meta.fields``. The active version keeps serving.
         """
+
+    @abc.abstractmethod
+    def open_version(self, version: str, read_only: bool = False) -> VersionHandle:
+        """A handle on an EXISTING version (active or not): to resume a build, to fill one
+        version from several runs, or to verify a version before activating it.
+
+        Same rules as ``create_version``: on Edge the handle takes the version's lock (pid in
+        ``owner.lock``), so a version held by another process (a builder, or a server serving
+        it) raises ``IndexInUseError`` with ``.pid``, at once. ``read_only=True``: writes raise
+        ``GalleryIndexError`` (on Edge the lock is still taken: one opener per shard).
+        The model guard applies (``ModelMismatchError`` unless forced). ``IndexNotFoundError``
+        when the version does not exist. If this object already serves ``version`` as the
+        active one, the handle shares that shard (closing the handle leaves it open).
+        """
+
+    @abc.abstractmethod
+    def update_version_meta(self, version: str, extra: Mapping[str, Any]) -> VersionMeta:
+        """Merge ``extra`` into the version's ``VersionMeta.extra`` (a key set to ``None`` is
+        removed) and return the new metadata. The rest of the metadata (fingerprint, shape,
+        fields) is fixed at creation. Allowed on any version, active or not."""
 
     @abc.abstractmethod
     def activate(self, version: str) -> None:

@@ -126,6 +126,48 @@ def check_ids(ids: Sequence[str]) -> list[str]:
     return out
 
 
+MAX_SCROLL = 10_000
+
+
+def check_count(n: int, what: str = "n") -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SCROLL:
+        raise InvalidQueryError(f"{what} must be an integer in [1, {MAX_SCROLL}], got {n!r}")
+    return n
+
+
+def payload_spec(spec: Any) -> tuple[str, list[str]]:
+    """Parse a ``PayloadSelector`` into ``("all", [])``, ``("include", keys)`` or
+    ``("exclude", keys)``. The internal id key is always kept (include gets it added; exclude
+    never removes it)."""
+    if spec is True:
+        return "all", []
+    if spec is False or spec is None:
+        return "include", [ID_KEY]
+    if isinstance(spec, Mapping):
+        if set(spec) != {"exclude"}:
+            raise InvalidQueryError(
+                f"with_payload as a dict must be {{'exclude': [keys]}}, got {dict(spec)!r}"
+            )
+        keys = _keys(spec["exclude"])
+        return ("exclude", keys) if keys else ("all", [])
+    keys = _keys(spec)
+    return "include", [ID_KEY, *(k for k in keys if k != ID_KEY)]
+
+
+def _keys(keys: Any) -> list[str]:
+    if isinstance(keys, str) or not isinstance(keys, Sequence):
+        raise InvalidQueryError(
+            "with_payload must be True, False, a list of keys or {'exclude': [keys]}, "
+            f"got {keys!r}"
+        )
+    out = []
+    for k in keys:
+        if not isinstance(k, str) or not k or k.startswith("_"):
+            raise InvalidQueryError(f"payload key must be a non-empty string without '_': {k!r}")
+        out.append(k)
+    return out
+
+
 @dataclass(frozen=True)
 class Condition:
     """One parsed filter condition (backend-neutral)."""
@@ -204,12 +246,48 @@ def _any(key: str, ftype: str, values: Sequence[Any]) -> Condition:
     return Condition(key, "any", [_check_scalar(key, ftype, v) for v in values])
 
 
-def fast_candidates(top_k: int, offset: int, options: Mapping[str, Any]) -> int:
-    """Prefetch size L for ``fast``: enough candidates for recall@10 >= 0.99 at 100k (L=2000
-    measured) and growing with the depth asked for."""
-    base = int(options.get("fast_min_candidates", 2000))
+#: ``fast`` prefetch size L per recall@10 target (measured, docs/benchmarks_index.md): the
+#: smallest L whose recall@10 reached the target at 100k on the synthetic set. Targets between
+#: two rows take the larger L.
+FAST_RECALL_TABLE: tuple[tuple[float, int], ...] = (
+    (0.90, 500),
+    (0.95, 1000),
+    (0.98, 2000),
+    (0.99, 4000),
+)
+DEFAULT_FAST_RECALL = 0.99
+
+
+def fast_plan(top_k: int, offset: int, options: Mapping[str, Any]) -> tuple[int, int]:
+    """``(L, hnsw_ef)`` for a ``fast`` query.
+
+    L (prefetched candidates): ``fast_min_candidates`` when given, otherwise the row of
+    :data:`FAST_RECALL_TABLE` for ``fast_recall`` (default 0.99); in both cases at least
+    ``fast_factor`` (default 8) x ``offset + top_k``, so deeper pages get more candidates.
+    hnsw_ef: ``fast_hnsw_ef`` when given, otherwise ``fast_ef_factor`` (default 1.0) x L and
+    never below L (HNSW returns at most ef points: ef < L silently shrinks the candidate list).
+    """
+    if "fast_min_candidates" in options:
+        base = int(options["fast_min_candidates"])
+    else:
+        target = float(options.get("fast_recall", DEFAULT_FAST_RECALL))
+        base = FAST_RECALL_TABLE[-1][1]
+        for rec, cand in FAST_RECALL_TABLE:
+            if target <= rec:
+                base = cand
+                break
     factor = int(options.get("fast_factor", 8))
-    return max(base, factor * (offset + top_k))
+    limit_l = max(1, base, factor * (offset + top_k))
+    if "fast_hnsw_ef" in options:
+        ef = int(options["fast_hnsw_ef"])
+    else:
+        ef = int(math.ceil(float(options.get("fast_ef_factor", 1.0)) * limit_l))
+    return limit_l, max(ef, limit_l)
+
+
+def fast_candidates(top_k: int, offset: int, options: Mapping[str, Any]) -> int:
+    """Prefetch size L for ``fast`` (see :func:`fast_plan`)."""
+    return fast_plan(top_k, offset, options)[0]
 
 
 def strip_payload(payload: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:

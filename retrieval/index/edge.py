@@ -27,6 +27,7 @@ from retrieval.index.api import (
     Filter,
     GalleryIndex,
     Hit,
+    PayloadSelector,
     Record,
     SearchMode,
     VersionHandle,
@@ -104,6 +105,25 @@ def edge_filter(conds: list[common.Condition]) -> Any:
         else:
             must.append(q.FieldCondition(c.key, range=q.RangeFloat(**c.value)))
     return q.Filter(must=must)
+
+
+def edge_payload(spec: Any) -> Any:
+    """``PayloadSelector`` -> what Edge's ``with_payload`` takes."""
+    kind, keys = common.payload_spec(spec)
+    if kind == "all":
+        return True
+    if kind == "include":
+        return keys
+    return _edge().PayloadSelector.Exclude(keys)
+
+
+def _record(r: Any, with_vectors: bool) -> Record:
+    cid, payload = common.strip_payload(r.payload)
+    toks = None
+    vec = getattr(r, "vector", None)
+    if with_vectors and vec:
+        toks = np.asarray(vec["tokens"], dtype=np.float32)
+    return Record(cid or str(r.id), payload, toks)
 
 
 class _Shard:
@@ -238,23 +258,42 @@ class _Shard:
         with self.write_lock:
             self.shard.flush()
 
-    def get(self, ids: list[str], with_vectors: bool) -> list[Record]:
+    def get(self, ids: list[str], with_vectors: bool, with_payload: Any = True) -> list[Record]:
         pids = [common.point_id(i) for i in ids]
         recs = self.shard.retrieve(
-            pids, with_payload=True, with_vector=["tokens"] if with_vectors else False
+            pids,
+            with_payload=edge_payload(with_payload),
+            with_vector=["tokens"] if with_vectors else False,
         )
         by_pid = {str(r.id): r for r in recs}
-        out = []
-        for pid in pids:
-            r = by_pid.get(pid)
-            if r is None:
-                continue
-            cid, payload = common.strip_payload(r.payload)
-            toks = None
-            if with_vectors and r.vector:
-                toks = np.asarray(r.vector["tokens"], dtype=np.float32)
-            out.append(Record(cid, payload, toks))
-        return out
+        return [_record(by_pid[pid], with_vectors) for pid in pids if pid in by_pid]
+
+    def scroll(
+        self,
+        limit: int,
+        offset: str | None,
+        with_payload: Any,
+        with_vectors: bool,
+        conds: list[common.Condition],
+    ) -> tuple[list[Record], str | None]:
+        q = _edge()
+        recs, nxt = self.shard.scroll(
+            q.ScrollRequest(
+                offset=offset,
+                limit=limit,
+                filter=edge_filter(conds),
+                with_payload=edge_payload(with_payload),
+                with_vector=["tokens"] if with_vectors else False,
+            )
+        )
+        return [_record(r, with_vectors) for r in recs], (None if nxt is None else str(nxt))
+
+    def sample(self, n: int, with_payload: Any) -> list[Record]:
+        q = _edge()
+        res = self.shard.query(
+            q.QueryRequest(limit=n, query=q.Sample.Random, with_payload=edge_payload(with_payload))
+        )
+        return [_record(p, False) for p in res]
 
     def requests(
         self, queries: np.ndarray, top_k: int, offset: int, conds: list[common.Condition], mode: str
@@ -268,7 +307,9 @@ class _Shard:
                 if n >= int(self.options.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS))
                 else "exact"
             )
-        limit_l = common.fast_candidates(top_k, offset, self.options)
+        limit_l, ef = common.fast_plan(top_k, offset, self.options)
+        # exact prefetch: scan every `pooled` vector instead of walking the HNSW graph
+        pre_params = q.SearchParams(hnsw_ef=ef, exact=bool(self.options.get("fast_exact_prefetch")))
         if mode == "fast" and limit_l >= n:
             mode = "exact"  # the candidate list would hold every point anyway
         oversampling = float(self.options.get("oversampling", 2.0))
@@ -294,7 +335,7 @@ class _Shard:
                     limit=limit_l,
                     query=q.Query.Nearest(vec, using="pooled"),
                     filter=flt,
-                    params=q.SearchParams(hnsw_ef=limit_l),
+                    params=pre_params,
                 )
                 reqs.append(
                     q.QueryRequest(
@@ -398,28 +439,65 @@ class _EdgeOps:
         with self._use() as sh:
             return sh.count(common.parse_filter(filter, sh.meta.fields))
 
-    def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
+    def get(
+        self, ids: Sequence[str], with_vectors: bool = False, with_payload: PayloadSelector = True
+    ) -> list[Record]:
         ids_l = common.check_ids(ids)
+        common.payload_spec(with_payload)  # validate before touching the shard
         with self._use() as sh:
-            return sh.get(ids_l, with_vectors) if ids_l else []
+            return sh.get(ids_l, with_vectors, with_payload) if ids_l else []
+
+    def scroll(
+        self,
+        limit: int = 256,
+        offset: str | None = None,
+        with_payload: PayloadSelector = True,
+        with_vectors: bool = False,
+        filter: Filter | None = None,
+    ) -> tuple[list[Record], str | None]:
+        common.check_count(limit, "limit")
+        common.payload_spec(with_payload)
+        with self._use() as sh:
+            conds = common.parse_filter(filter, sh.meta.fields)
+            return sh.scroll(limit, offset, with_payload, with_vectors, conds)
+
+    def _engine_sample(self, n: int, with_payload: PayloadSelector) -> list[Record]:
+        common.payload_spec(with_payload)
+        with self._use() as sh:
+            return sh.sample(n, with_payload)
 
 
 class EdgeVersionHandle(_EdgeOps, VersionHandle):
     """A version being built; owns its shard (and lock) until closed."""
 
-    def __init__(self, index: EdgeGalleryIndex, shard: _Shard) -> None:
+    def __init__(
+        self,
+        index: EdgeGalleryIndex,
+        shard: _Shard,
+        read_only: bool = False,
+        borrowed: bool = False,
+    ) -> None:
         self._index = index
         self._shard: _Shard | None = shard
         self._options = index._options
-        self.read_only = False
+        self.read_only = read_only
+        self._borrowed = borrowed  # the index's own active shard: close() leaves it open
         self.version = shard.version
         self.meta = shard.meta
 
     @contextmanager
     def _use(self, write: bool = False, tokens: Any = None) -> Iterator[_Shard]:
-        if self._shard is None or self._shard.closed:
+        sh = self._shard
+        if sh is None or sh.closed:
             raise GalleryIndexError(f"version handle {self.version} is closed")
-        yield self._shard
+        if write and self.read_only:
+            raise GalleryIndexError(f"version handle {self.version} was opened read-only")
+        if not sh.acquire():
+            raise GalleryIndexError(f"version handle {self.version} is closed")
+        try:
+            yield sh
+        finally:
+            sh.release()
 
     def declared_fields(self) -> dict[str, FieldType]:
         return dict(self.meta.fields)
@@ -433,7 +511,8 @@ class EdgeVersionHandle(_EdgeOps, VersionHandle):
     def close(self) -> None:
         """Flush, build the indexes and release the shard (then it can be activated/served)."""
         if self._shard is not None:
-            self._shard.close()
+            if not self._borrowed:
+                self._shard.close()
             self._shard = None
         self._index._handles.discard(self)
 
@@ -540,7 +619,9 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
                 )
                 version = self.catalog.new_version(meta)
                 self._shard = _Shard(self.catalog, version, self._options)
-                self.catalog.write_pointer(Pointer(version, []))
+                with self.catalog.mutex():
+                    self.catalog.mark_activated(version)
+                    self.catalog.write_pointer(Pointer(version, []))
                 logger.info("created index %r version %s", self.name, version)
                 return self._shard
             meta, _ = self.catalog.read_meta(ptr.active)
@@ -562,15 +643,21 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
         return None if v is None else self.catalog.read_meta(v)[0]
 
     def versions(self) -> list[VersionInfo]:
-        active = self.catalog.read_pointer().active
+        ptr = self.catalog.read_pointer()
         out = []
         for v in self.catalog.list_versions():
-            meta, created = self.catalog.read_meta(v)
+            try:
+                meta, created = self.catalog.read_meta(v)
+                activated = self.catalog.read_activated(v)
+            except IndexNotFoundError:  # dropped meanwhile
+                continue
             count = None
             for sh in [self._shard, *(h._shard for h in self._handles)]:
                 if sh is not None and sh.version == v and not sh.closed:
                     count = sh.count()
-            out.append(VersionInfo(v, meta, created, count, v == active))
+            # versions activated before activated_at was recorded: known from the pointer
+            ever = activated is not None or v == ptr.active or v in ptr.history
+            out.append(VersionInfo(v, meta, created, count, v == ptr.active, activated, ever))
         return out
 
     def create_version(self, meta: VersionMeta) -> VersionHandle:
@@ -583,6 +670,43 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
         logger.info("index %r: building version %s", self.name, version)
         return handle
 
+    def open_version(self, version: str, read_only: bool = False) -> VersionHandle:
+        if self._closed:
+            raise GalleryIndexError(f"index {self.name!r} is closed")
+        if self.read_only and not read_only:
+            raise GalleryIndexError(
+                f"index {self.name!r} was opened read-only: use open_version(v, read_only=True)"
+            )
+        meta, _ = self.catalog.read_meta(version)  # IndexNotFoundError when missing
+        self._guard(version, meta)
+        with self._mutex:
+            cur = self._shard
+            if cur is not None and cur.version == version and not cur.closed:
+                handle = EdgeVersionHandle(self, cur, read_only=read_only, borrowed=True)
+            else:
+                # IndexInUseError (with the pid) when another opener holds the version
+                shard = _Shard(self.catalog, version, self._options)
+                handle = EdgeVersionHandle(self, shard, read_only=read_only)
+            self._handles.add(handle)
+        logger.info(
+            "index %r: opened version %s (%s)", self.name, version, "read" if read_only else "write"
+        )
+        return handle
+
+    def update_version_meta(self, version: str, extra: Mapping[str, Any]) -> VersionMeta:
+        if self.read_only:
+            raise GalleryIndexError(f"index {self.name!r} was opened read-only")
+        if not isinstance(extra, Mapping):
+            raise GalleryIndexError(f"extra must be a dict, got {type(extra).__name__}")
+        new = self.catalog.update_extra(version, extra)
+        for h in list(self._handles):
+            if h.version == version:
+                h.meta = new
+        for sh in [self._shard, *(h._shard for h in self._handles)]:
+            if sh is not None and sh.version == version:
+                sh.meta = new
+        return new
+
     def activate(self, version: str) -> None:
         if self.read_only:
             raise GalleryIndexError(f"index {self.name!r} was opened read-only")
@@ -591,8 +715,9 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
         for h in list(self._handles):
             if h.version == version:
                 h.close()  # flush + build indexes + release, so a server can open it
-        with self._mutex:
+        with self._mutex, self.catalog.mutex():
             ptr = self.catalog.read_pointer()
+            self.catalog.mark_activated(version)
             if ptr.active != version:
                 history = [v for v in [ptr.active, *ptr.history] if v and v != version]
                 self.catalog.write_pointer(Pointer(version, history))
@@ -632,10 +757,12 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
                 self.catalog.remove(version)
             finally:
                 lock.release()
-            if version in ptr.history:
-                self.catalog.write_pointer(
-                    Pointer(ptr.active, [v for v in ptr.history if v != version])
-                )
+            with self.catalog.mutex():
+                ptr = self.catalog.read_pointer()
+                if version in ptr.history:
+                    self.catalog.write_pointer(
+                        Pointer(ptr.active, [v for v in ptr.history if v != version])
+                    )
         logger.info("index %r: dropped version %s", self.name, version)
 
     def rollback(self) -> str:

@@ -20,6 +20,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ from retrieval.index.api import (
     Filter,
     GalleryIndex,
     Hit,
+    PayloadSelector,
     Record,
     SearchMode,
     VersionHandle,
@@ -79,6 +81,28 @@ def client_filter(conds: list[common.Condition]) -> Any:
         else:
             must.append(m.FieldCondition(key=c.key, range=m.Range(**c.value)))
     return m.Filter(must=must)
+
+
+def client_payload(spec: Any) -> Any:
+    """``PayloadSelector`` -> qdrant-client's ``with_payload``."""
+    kind, keys = common.payload_spec(spec)
+    if kind == "all":
+        return True
+    if kind == "include":
+        return keys
+    return _models().PayloadSelectorExclude(exclude=keys)
+
+
+def _record(r: Any, with_vectors: bool) -> Record:
+    cid, payload = common.strip_payload(r.payload)
+    toks = None
+    if with_vectors and isinstance(r.vector, dict):
+        toks = np.asarray(r.vector["tokens"], dtype=np.float32)
+    return Record(cid or str(r.id), payload, toks)
+
+
+def _already_exists(exc: BaseException) -> bool:
+    return "already exists" in str(exc).lower()
 
 
 class _Target:
@@ -130,27 +154,48 @@ class _Target:
             wait=True,
         )
 
-    def get(self, ids: list[str], with_vectors: bool) -> list[Record]:
+    def get(self, ids: list[str], with_vectors: bool, with_payload: Any = True) -> list[Record]:
         pids: list[Any] = [common.point_id(i) for i in ids]
         recs = self.call(
             self.owner.client.retrieve,
             self.collection,
             ids=pids,
-            with_payload=True,
+            with_payload=client_payload(with_payload),
             with_vectors=["tokens"] if with_vectors else False,
         )
         by_pid = {str(r.id): r for r in recs}
-        out = []
-        for pid in pids:
-            r = by_pid.get(pid)
-            if r is None:
-                continue
-            cid, payload = common.strip_payload(r.payload)
-            toks = None
-            if with_vectors and isinstance(r.vector, dict):
-                toks = np.asarray(r.vector["tokens"], dtype=np.float32)
-            out.append(Record(cid, payload, toks))
-        return out
+        return [_record(by_pid[pid], with_vectors) for pid in pids if pid in by_pid]
+
+    def scroll(
+        self,
+        limit: int,
+        offset: str | None,
+        with_payload: Any,
+        with_vectors: bool,
+        conds: list[common.Condition],
+    ) -> tuple[list[Record], str | None]:
+        recs, nxt = self.call(
+            self.owner.client.scroll,
+            self.collection,
+            scroll_filter=client_filter(conds),
+            limit=limit,
+            offset=offset,
+            with_payload=client_payload(with_payload),
+            with_vectors=["tokens"] if with_vectors else False,
+        )
+        return [_record(r, with_vectors) for r in recs], (None if nxt is None else str(nxt))
+
+    def sample(self, n: int, with_payload: Any) -> list[Record]:
+        m = _models()
+        resp = self.call(
+            self.owner.client.query_points,
+            self.collection,
+            query=m.SampleQuery(sample=m.Sample.RANDOM),
+            limit=n,
+            with_payload=client_payload(with_payload),
+            with_vectors=False,
+        )
+        return [_record(p, False) for p in resp.points]
 
     def search(
         self, queries: np.ndarray, top_k: int, offset: int, conds: list[common.Condition], mode: str
@@ -165,7 +210,7 @@ class _Target:
                 if n >= int(opts.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS))
                 else "exact"
             )
-        limit_l = common.fast_candidates(top_k, offset, opts)
+        limit_l, ef = common.fast_plan(top_k, offset, opts)
         if mode == "fast" and limit_l >= n:
             mode = "exact"
         params = m.SearchParams(
@@ -182,7 +227,9 @@ class _Target:
                     using="pooled",
                     limit=limit_l,
                     filter=flt,
-                    params=m.SearchParams(hnsw_ef=limit_l),
+                    params=m.SearchParams(
+                        hnsw_ef=ef, exact=bool(opts.get("fast_exact_prefetch", False))
+                    ),
                 )
             reqs.append(
                 m.QueryRequest(
@@ -303,26 +350,52 @@ class _ClientOps:
         with self._guarded():
             return t.count(conds)
 
-    def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
+    def get(
+        self, ids: Sequence[str], with_vectors: bool = False, with_payload: PayloadSelector = True
+    ) -> list[Record]:
         ids_l = common.check_ids(ids)
+        common.payload_spec(with_payload)
         t = self._target()
         if not ids_l:
             return []
         with self._guarded():
-            return t.get(ids_l, with_vectors)
+            return t.get(ids_l, with_vectors, with_payload)
+
+    def scroll(
+        self,
+        limit: int = 256,
+        offset: str | None = None,
+        with_payload: PayloadSelector = True,
+        with_vectors: bool = False,
+        filter: Filter | None = None,
+    ) -> tuple[list[Record], str | None]:
+        common.check_count(limit, "limit")
+        common.payload_spec(with_payload)
+        t = self._target()
+        conds = common.parse_filter(filter, t.meta.fields)
+        with self._guarded():
+            return t.scroll(limit, offset, with_payload, with_vectors, conds)
+
+    def _engine_sample(self, n: int, with_payload: PayloadSelector) -> list[Record]:
+        common.payload_spec(with_payload)
+        t = self._target()
+        with self._guarded():
+            return t.sample(n, with_payload)
 
 
 class QdrantVersionHandle(_ClientOps, VersionHandle):
-    def __init__(self, index: QdrantGalleryIndex, target: _Target) -> None:
+    def __init__(self, index: QdrantGalleryIndex, target: _Target, read_only: bool = False):
         self._index = index
         self._t: _Target | None = target
-        self.read_only = False
+        self.read_only = read_only
         self.version = target.version
         self.meta = target.meta
 
     def _target(self, write: bool = False, tokens: Any = None) -> _Target:
-        if self._t is None:
+        if self._t is None or self._index._closed:
             raise GalleryIndexError(f"version handle {self.version} is closed")
+        if write and self.read_only:
+            raise GalleryIndexError(f"version handle {self.version} was opened read-only")
         return self._t
 
     def _guarded(self) -> AbstractContextManager[Any]:
@@ -454,12 +527,16 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
     def _ensure_catalog(self) -> None:
         m = _models()
         if not self._call(self.client.collection_exists, self._catalog):
-            self._call(
-                self.client.create_collection,
-                self._catalog,
-                vectors_config=m.VectorParams(size=1, distance=m.Distance.DOT),
-                replication_factor=self._replication_factor,
-            )
+            try:
+                self._call(
+                    self.client.create_collection,
+                    self._catalog,
+                    vectors_config=m.VectorParams(size=1, distance=m.Distance.DOT),
+                    replication_factor=self._replication_factor,
+                )
+            except (GalleryIndexError, ValueError) as exc:
+                if not _already_exists(exc):
+                    raise  # else another process created it just now: fine
 
     def _catalog_records(self) -> list[dict[str, Any]]:
         if not self._call(self.client.collection_exists, self._catalog):
@@ -492,11 +569,29 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
         return []
 
     def _metas(self) -> dict[str, tuple[VersionMeta, float]]:
+        return {v: (meta, created) for v, (meta, created, _) in self._version_records().items()}
+
+    def _version_records(self) -> dict[str, tuple[VersionMeta, float, float | None]]:
         out = {}
         for r in self._catalog_records():
             if r.get("kind") == "version":
-                out[r["version"]] = (VersionMeta.from_json(r["meta"]), float(r.get("created", 0)))
+                act = r.get("activated_at")
+                out[r["version"]] = (
+                    VersionMeta.from_json(r["meta"]),
+                    float(r.get("created", 0)),
+                    float(act) if act is not None else None,
+                )
         return out
+
+    def _set_catalog(self, key: str, payload: dict[str, Any]) -> None:
+        """Merge ``payload`` into the catalog point ``key`` (set_payload: other keys kept)."""
+        pid: Any = str(uuid.uuid5(_CATALOG_NS, f"{self.name}/{key}"))
+        self._call(self.client.set_payload, self._catalog, payload=payload, points=[pid], wait=True)
+
+    def _mark_activated(self, version: str) -> None:
+        recs = self._version_records()
+        if version in recs and recs[version][2] is None:
+            self._set_catalog(version, {"activated_at": time.time()})
 
     def _read_meta(self, version: str) -> VersionMeta:
         metas = self._metas()
@@ -566,17 +661,50 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
 
     # versions --------------------------------------------------------------------------------
     def _create(self, meta: VersionMeta) -> str:
-        m = _models()
+        """Create a version atomically between processes.
+
+        The version number is CLAIMED by creating its collection: ``create_collection`` of a
+        name that exists fails on the server (and in local mode), so of two processes that
+        picked the same number only one succeeds and the other moves on to the next number.
+        The catalog entry is written last, after the payload indexes: a version is listed only
+        once it is complete (like Edge's ``meta.json``). A creator killed in between leaves a
+        collection without a catalog entry: never listed, its number is skipped by later
+        creators, and it can be deleted by hand (``<name>__vNNNNNN`` absent from versions()).
+        """
         common.validate_fields(meta.fields)
         self._ensure_catalog()
         existing = self._metas()
         n = max((int(v[1:]) for v in existing), default=0) + 1
-        while self._call(self.client.collection_exists, self._collection(f"v{n:06d}")):
+        for _ in range(1000):
+            version = f"v{n:06d}"
+            coll = self._collection(version)
+            if not self._call(self.client.collection_exists, coll) and self._claim(coll, meta):
+                break
             n += 1
-        version = f"v{n:06d}"
-        coll = self._collection(version)
+        else:  # pragma: no cover - a thousand concurrent creators
+            raise GalleryIndexError(f"index {self.name!r}: could not claim a version number")
+        self._finish_create(coll, meta)
+        self._put_catalog(
+            version,
+            {"kind": "version", "version": version, "meta": meta.to_json(), "created": time.time()},
+        )
+        return version
+
+    def _claim(self, coll: str, meta: VersionMeta) -> bool:
+        """Create the version's collection; False when another process created it first."""
+        m = _models()
         _, dim = meta.shape
         opts = self._options
+        try:
+            self._create_collection(coll, dim, opts, m)
+        except (GalleryIndexError, ValueError) as exc:
+            if _already_exists(exc):
+                logger.info("index %r: %s taken by another process, next number", self.name, coll)
+                return False
+            raise
+        return True
+
+    def _create_collection(self, coll: str, dim: int, opts: Mapping[str, Any], m: Any) -> None:
         self._call(
             self.client.create_collection,
             coll,
@@ -610,6 +738,9 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
             replication_factor=self._replication_factor,
             on_disk_payload=True,
         )
+
+    def _finish_create(self, coll: str, meta: VersionMeta) -> None:
+        m = _models()
         schema = {
             "keyword": m.PayloadSchemaType.KEYWORD,
             "integer": m.PayloadSchemaType.INTEGER,
@@ -620,11 +751,6 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
             self._call(
                 self.client.create_payload_index, coll, fname, field_schema=schema[ftype], wait=True
             )
-        self._put_catalog(
-            version,
-            {"kind": "version", "version": version, "meta": meta.to_json(), "created": time.time()},
-        )
-        return version
 
     def _switch_alias(self, version: str, history: list[str]) -> None:
         m = _models()
@@ -641,6 +767,7 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
         # one request: the server applies delete+create atomically
         self._call(self.client.update_collection_aliases, change_aliases_operations=ops)
         self._put_catalog("_pointer", {"kind": "pointer", "active": version, "history": history})
+        self._mark_activated(version)
 
     @property
     def active_version(self) -> str | None:
@@ -654,15 +781,57 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
 
     def versions(self) -> list[VersionInfo]:
         active = self._alias_target()
+        history = set(self._history())
         out = []
-        for v, (meta, created) in sorted(self._metas().items()):
+        for v, (meta, created, activated) in sorted(self._version_records().items()):
             try:
                 res = self._call(self.client.count, self._collection(v), exact=True)
                 count: int | None = int(res.count)
             except GalleryIndexError:
                 count = None
-            out.append(VersionInfo(v, meta, created, count, v == active))
+            ever = activated is not None or v == active or v in history
+            out.append(VersionInfo(v, meta, created, count, v == active, activated, ever))
         return out
+
+    def open_version(self, version: str, read_only: bool = False) -> VersionHandle:
+        if self._closed:
+            raise GalleryIndexError(f"index {self.name!r} is closed")
+        if self.read_only and not read_only:
+            raise GalleryIndexError(
+                f"index {self.name!r} was opened read-only: use open_version(v, read_only=True)"
+            )
+        if not VERSION_RE.match(version):
+            raise IndexNotFoundError(f"bad version id {version!r} (expected like 'v000001')")
+        target = self._open_target(version)  # IndexNotFoundError / ModelMismatchError
+        if not self._call(self.client.collection_exists, target.collection):
+            raise IndexNotFoundError(
+                f"version {version} of index {self.name!r} is listed but its collection "
+                f"{target.collection} is missing"
+            )
+        return QdrantVersionHandle(self, target, read_only=read_only)
+
+    def update_version_meta(self, version: str, extra: Mapping[str, Any]) -> VersionMeta:
+        """Read-modify-write of the catalog entry: concurrent updates of the SAME version from
+        two processes can lose one (Qdrant has no compare-and-set); the indexer updates a
+        version from one process at a time."""
+        if self.read_only:
+            raise GalleryIndexError(f"index {self.name!r} was opened read-only")
+        if not isinstance(extra, Mapping):
+            raise GalleryIndexError(f"extra must be a dict, got {type(extra).__name__}")
+        with self._mutex:
+            meta = self._read_meta(version)
+            merged = dict(meta.extra)
+            for k, v in extra.items():
+                if v is None:
+                    merged.pop(k, None)
+                else:
+                    merged[k] = v
+            new = replace(meta, extra=merged)
+            self._set_catalog(version, {"meta": new.to_json()})
+            t = self._t
+            if t is not None and t.version == version:
+                t.meta = new
+        return new
 
     def create_version(self, meta: VersionMeta) -> VersionHandle:
         if self.read_only:

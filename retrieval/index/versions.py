@@ -4,12 +4,15 @@ and per-version owner locks.
 Layout under ``ROOT/<name>/``::
 
     CURRENT                    {"active": "v000003", "history": ["v000002", "v000001"]}
-    versions/v000003/meta.json VersionMeta + created time
+    .catalog.lock              flock()ed around read-modify-writes of CURRENT / meta.json
+    versions/v000003/meta.json VersionMeta + created (+ activated_at once first activated)
     versions/v000003/shard/    the Edge shard
     versions/v000003/owner.lock  flock()ed by the process that has the shard open; holds its pid
 
 ``CURRENT`` is written to a temp file, fsynced and ``os.replace``d, so readers see the old or the
-new pointer, never a torn one. The flock is released by the kernel when the owner dies, so a
+new pointer, never a torn one. Read-modify-writes of ``CURRENT`` and ``meta.json`` (activate,
+rollback history, ``activated_at``, ``update_version_meta``) hold ``.catalog.lock`` (a blocking
+flock) so two processes cannot lose each other's update. The flock is released by the kernel when the owner dies, so a
 crashed owner never blocks the next opener.
 """
 
@@ -21,8 +24,11 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +150,8 @@ class Catalog:
         self.dir = Path(root) / name
         self.versions_dir = self.dir / "versions"
         self.pointer_path = self.dir / "CURRENT"
+        self._local = threading.RLock()
+        self._depth = 0
 
     def exists(self) -> bool:
         return self.pointer_path.exists()
@@ -175,15 +183,69 @@ class Catalog:
             if VERSION_RE.match(p.name) and (p / "meta.json").exists()
         )
 
-    def read_meta(self, version: str) -> tuple[VersionMeta, float]:
+    @contextmanager
+    def mutex(self) -> Iterator[None]:
+        """Serialise read-modify-write of ``CURRENT`` and ``meta.json`` files between processes
+        (a blocking flock on ``.catalog.lock``; held for milliseconds, never while building)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self._local:  # flock is per open file: threads of one process need their own lock
+            if self._depth:  # re-entered by the same thread: the flock is already held
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            fd = os.open(self.dir / ".catalog.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._depth = 1
+                yield
+            finally:
+                self._depth = 0
+                os.close(fd)  # drops the flock
+
+    def _read_data(self, version: str) -> dict[str, Any]:
         path = self.version_dir(version) / "meta.json"
         try:
-            data = json.loads(path.read_text())
+            data: dict[str, Any] = json.loads(path.read_text())
         except FileNotFoundError:
             raise IndexNotFoundError(
                 f"version {version} of index {self.name!r} does not exist under {self.dir}"
             ) from None
+        return data
+
+    def read_meta(self, version: str) -> tuple[VersionMeta, float]:
+        data = self._read_data(version)
         return VersionMeta.from_json(data["meta"]), float(data.get("created", 0.0))
+
+    def read_activated(self, version: str) -> float | None:
+        """First activation time recorded in ``meta.json`` (None: never, or before it was kept)."""
+        t = self._read_data(version).get("activated_at")
+        return float(t) if t is not None else None
+
+    def mark_activated(self, version: str) -> None:
+        """Record the first activation time (kept on later activations). Caller holds mutex."""
+        data = self._read_data(version)
+        if data.get("activated_at") is None:
+            data["activated_at"] = time.time()
+            write_json_atomic(self.version_dir(version) / "meta.json", data)
+
+    def update_extra(self, version: str, extra: Mapping[str, Any]) -> VersionMeta:
+        """Merge ``extra`` into the version's ``meta.extra`` (None values delete keys)."""
+        with self.mutex():
+            data = self._read_data(version)
+            meta = VersionMeta.from_json(data["meta"])
+            merged = dict(meta.extra)
+            for k, v in extra.items():
+                if v is None:
+                    merged.pop(k, None)
+                else:
+                    merged[k] = v
+            new = replace(meta, extra=merged)
+            data["meta"] = new.to_json()
+            write_json_atomic(self.version_dir(version) / "meta.json", data)
+            return new
 
     def new_version(self, meta: VersionMeta) -> str:
         """Reserve the next version id (mkdir is atomic, so racing creators get distinct ids)."""

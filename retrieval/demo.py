@@ -1,0 +1,263 @@
+"""`cir demo`: from a fresh checkout to a running engine in one command.
+
+1. generates the synthetic shapes world (the demo model's recipe, seed 0) unless present;
+2. builds the embedded Qdrant Edge index of its gallery with the committed demo model, unless an
+   active, verified version made by the same encoder is already there;
+3. starts the gRPC server and the Streamlit UI as child processes, waits until both answer,
+   prints their addresses; Ctrl-C (or SIGTERM) stops all of it cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL = "models/sprc-shapes"
+DEMO_DATA = "data/shapes"
+DEMO_INDEX = "edge:data/index"
+DEMO_NAME = "gallery"
+DEMO_FIELDS = ("n_objects:integer", "source:keyword")
+
+
+@dataclass
+class DemoConfig:
+    data: Path = Path(DEMO_DATA)  # synthetic world (generated when gallery.jsonl is absent)
+    model: str = DEMO_MODEL  # encoder checkpoint folder
+    index: str = DEMO_INDEX  # index URI
+    name: str = DEMO_NAME  # index name
+    host: str = "127.0.0.1"  # bind address of server and UI
+    grpc_port: int = 50051  # gRPC server port
+    ui_port: int = 8501  # Streamlit port
+    metrics_port: int = 0  # Prometheus port of the server (0: off)
+    ui: bool = True  # start the Streamlit UI too
+    seed: int = 0  # world seed (the demo model's recipe)
+
+
+def _cir(*args: str) -> list[str]:
+    return [sys.executable, "-m", "retrieval.cli", *args]
+
+
+def ensure_world(data: Path, seed: int = 0) -> None:
+    if (data / "gallery.jsonl").is_file() and (data / "test.jsonl").is_file():
+        logger.info("world present at %s", data)
+        return
+    typer.echo(f"[demo] generating the synthetic shapes world into {data} (about a minute) ...")
+    subprocess.run(
+        _cir("data", "shapes", "--out", str(data), "--seed", str(seed), "--overwrite"), check=True
+    )
+
+
+def write_manifest(data: Path, out: Path) -> Path:
+    """gallery.jsonl -> an indexer manifest: absolute path + metadata columns as payload."""
+    from retrieval.data.triplets import load_gallery, resolve_path
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w") as fh:
+        for item in load_gallery(data):
+            row: dict[str, str | int | float | bool] = {
+                "path": str(resolve_path(data, item.path)),
+                "gallery_id": item.id,
+            }
+            row.update(
+                {k: v for k, v in item.metadata.items() if isinstance(v, (str, int, float, bool))}
+            )
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def index_is_current(index: str, name: str, model: str, expected: int) -> bool:
+    """An active version built by this encoder with every gallery image in it."""
+    from retrieval.encoder import Encoder
+    from retrieval.index import GalleryIndexError, open_index
+
+    fingerprint = Encoder.from_pretrained(model).fingerprint
+    try:
+        idx = open_index(index, name=name, encoder_fingerprint=fingerprint)
+    except GalleryIndexError as exc:
+        logger.info("index not reusable: %s", exc)
+        return False
+    try:
+        return idx.active_version is not None and idx.count() == expected
+    finally:
+        idx.close()
+
+
+def ensure_index(cfg: DemoConfig) -> None:
+    from retrieval.data.triplets import load_gallery
+
+    expected = len(load_gallery(cfg.data))
+    if index_is_current(cfg.index, cfg.name, cfg.model, expected):
+        typer.echo(f"[demo] reusing index {cfg.index} ({cfg.name}): {expected} images")
+        return
+    manifest = write_manifest(cfg.data, cfg.data / "demo_manifest.jsonl")
+    typer.echo(f"[demo] indexing {expected} gallery images into {cfg.index} ({cfg.name}) ...")
+    args = [
+        "index",
+        "build",
+        str(manifest),
+        "--index",
+        cfg.index,
+        "--name",
+        cfg.name,
+        "--model",
+        cfg.model,
+    ]
+    for f in DEMO_FIELDS:
+        args += ["--field", f]
+    subprocess.run(_cir(*args), check=True)
+
+
+def wait_grpc(target: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the gRPC server exited with code {proc.returncode}")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"the gRPC server at {target} was not SERVING after {timeout:.0f} s")
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the UI exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the UI at {url} did not answer after {timeout:.0f} s")
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_demo(cfg: DemoConfig) -> None:
+    if not Path(cfg.model, "config.json").is_file():
+        raise typer.BadParameter(
+            f"demo model not found at {cfg.model} (it is committed in the repository)"
+        )
+    ensure_world(cfg.data, cfg.seed)
+    ensure_index(cfg)
+    target = f"{cfg.host}:{cfg.grpc_port}"
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    old = signal.signal(signal.SIGTERM, _stop)
+    try:
+        server = subprocess.Popen(
+            _cir(
+                "serve",
+                "--model",
+                cfg.model,
+                "--index",
+                cfg.index,
+                "--name",
+                cfg.name,
+                "--host",
+                cfg.host,
+                "--port",
+                str(cfg.grpc_port),
+                "--metrics-port",
+                str(cfg.metrics_port),
+            )
+        )
+        procs.append(server)
+        wait_grpc(target, 120, server)
+        typer.echo(
+            f"[demo] gRPC server   {target}   (try: cir search --server {target} --id ... --text ...)"
+        )
+        if cfg.ui:
+            ui = subprocess.Popen(
+                _cir("ui", "--server", target, "--host", cfg.host, "--port", str(cfg.ui_port))
+            )
+            procs.append(ui)
+            wait_http(f"http://{cfg.host}:{cfg.ui_port}/", 120, ui)
+            typer.echo(f"[demo] search UI     http://{cfg.host}:{cfg.ui_port}/")
+        typer.echo("[demo] running; press Ctrl-C to stop")
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        for p in procs:
+            if p.poll() is not None and not stopping:
+                typer.echo(
+                    f"[demo] a child process exited with code {p.returncode}; stopping", err=True
+                )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        typer.echo("[demo] stopping ...")
+        stop_all(procs)
+        signal.signal(signal.SIGTERM, old)
+        typer.echo("[demo] stopped")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo_cmd(
+        data: Path = typer.Option(
+            Path(DEMO_DATA), "--data", help="Synthetic world dir (generated if absent)."
+        ),
+        model: str = typer.Option(DEMO_MODEL, "--model", help="Encoder checkpoint folder."),
+        index: str = typer.Option(DEMO_INDEX, "--index", help="Index URI."),
+        name: str = typer.Option(DEMO_NAME, "--name", help="Index name."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Bind address of server and UI."),
+        grpc_port: int = typer.Option(50051, "--grpc-port", help="gRPC port."),
+        ui_port: int = typer.Option(8501, "--ui-port", help="Web UI port."),
+        metrics_port: int = typer.Option(0, "--metrics-port", help="Prometheus port (0: off)."),
+        no_ui: bool = typer.Option(False, "--no-ui", help="Start only the gRPC server."),
+    ) -> None:
+        """Generate the demo gallery, index it, start the gRPC server and the web UI."""
+        run_demo(
+            DemoConfig(
+                data=data,
+                model=model,
+                index=index,
+                name=name,
+                host=host,
+                grpc_port=grpc_port,
+                ui_port=ui_port,
+                metrics_port=metrics_port,
+                ui=not no_ui,
+            )
+        )

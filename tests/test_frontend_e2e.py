@@ -1,0 +1,170 @@
+"""End to end in a real browser: gRPC server (in-process, tiny model) + ``cir ui`` (a
+``streamlit run`` child on 127.0.0.1) + Debian's Chromium driven by Playwright.
+
+The page loads, a gallery pick + text + Search shows result images, "Use as reference" on a
+result refines (the reference changes and a second search runs), and a screenshot is saved to
+``artifacts/ui-e2e.png``. Skipped only when /usr/bin/chromium is absent (``make setup-browser``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers_server import Gallery, build_gallery, free_port, start_server
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK),
+        reason=f"{CHROMIUM} is missing: run `make setup-browser` (apt-get install chromium)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
+    return build_gallery(tmp_path_factory.mktemp("e2e-gallery"))
+
+
+@pytest.fixture(scope="module")
+def server(gallery: Gallery) -> Iterator[Any]:
+    srv = start_server(gallery)
+    yield srv
+    srv.stop()
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the UI exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def ui(server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``cir ui`` (through ``python -m frontend.cli``) on a free port; yields the page URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("ui-log") / "ui.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CIR_UI_API_KEY", None)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "frontend.cli",
+                "--server",
+                server.target,
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--timeout",
+                "30",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_http_ok(f"http://127.0.0.1:{port}/_stcore/health", proc)
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            proc.send_signal(signal.SIGTERM)  # cir ui forwards it to streamlit
+            try:
+                code = proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+                pytest.fail("cir ui did not stop on SIGTERM:\n" + log_path.read_text()[-3000:])
+        assert code == 0, log_path.read_text()[-3000:]
+
+
+def test_search_and_refine_in_chromium(ui: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "ui-e2e.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(ui)
+            expect(page.get_by_text("Composed image retrieval").first).to_be_visible()
+            expect(page.get_by_text("Connected").first).to_be_visible()
+
+            # reference: the first image of the gallery sample
+            first_pick = page.locator("[class*='st-key-pick_'] button").first
+            expect(first_pick).to_be_visible()
+            cls = first_pick.locator("xpath=ancestor::*[contains(@class,'st-key-pick_')][1]")
+            picked = re.search(r"st-key-pick_(\S+)", cls.get_attribute("class") or "")
+            assert picked, "no pick button key"
+            picked_id = picked.group(1)
+            first_pick.click()
+            expect(
+                page.get_by_text(f"Current reference: gallery image {picked_id}")
+            ).to_be_visible()
+
+            # text + Search -> result grid with thumbnails, ranks and scores
+            box = page.get_by_label("Modification text")
+            box.fill("make it blue")
+            box.press("Enter")
+            page.get_by_role("button", name="Search", exact=True).click()
+            card2 = page.locator(".st-key-card_2")
+            expect(card2).to_be_visible()
+            expect(page.locator(".st-key-card_1 img")).to_be_visible()
+            expect(page.get_by_text(re.compile(r"#1 · score -?\d+\.\d{4}"))).to_be_visible()
+            assert page.locator("[class*='st-key-card_'] img").count() == 12
+            expect(page.locator(".st-key-revisit_0")).to_be_visible()  # history step 1
+            target = re.search(r"img-\d{3}", card2.inner_text())
+            assert target, card2.inner_text()
+            target_id = target.group(0)
+
+            # refine: rank 2 becomes the reference and a second search runs
+            # (.first: with a help tooltip Streamlit nests the button in a second button-role node)
+            page.locator(".st-key-refine_2 button").first.click()
+            expect(
+                page.get_by_text(f"Current reference: gallery image {target_id}")
+            ).to_be_visible()
+            expect(page.locator(".st-key-revisit_1")).to_be_visible()  # history step 2
+            expect(page.get_by_text(re.compile(rf"Results for {target_id} \+"))).to_be_visible()
+            expect(page.locator(".st-key-card_12 img")).to_be_visible()
+            page.wait_for_timeout(500)  # let the last thumbnails paint
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
