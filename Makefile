@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-python setup-browser demo test test-slow lint format proto clean
+.PHONY: setup setup-python setup-browser demo demo-model test test-slow lint format proto clean
 
 setup: setup-python setup-browser
 
@@ -27,6 +27,21 @@ setup-browser:
 
 demo: setup
 	$(BIN)/cir demo
+
+# The demo model: generate the world, train sprc-small from scratch (about 90 min on 2 CPU
+# cores; one torch thread copes best with a shared machine), evaluate, write the card.
+TRAIN_FLAGS ?= --init sprc-small --batch-size 32 --max-steps 2000 --lr 6e-4 --warmup 0.05 \
+	--train-vit --num-threads 1 --seed 0 --save-every 200 --val-limit 300 --val-gallery 1000 \
+	--time-budget-min 100
+demo-model: setup-python
+	test -f data/shapes/gallery.jsonl || $(BIN)/cir data shapes --out data/shapes --seed 0 --overwrite
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/cir train --data data/shapes --out runs/sprc-shapes $(TRAIN_FLAGS)
+	printf '%s\n' "cir data shapes --out data/shapes --seed 0" \
+	  "cir train --data data/shapes --out runs/sprc-shapes $(TRAIN_FLAGS)" \
+	  "python -m retrieval.model_card --run runs/sprc-shapes --data data/shapes --out models/sprc-shapes" \
+	  > runs/sprc-shapes/commands.txt
+	$(BIN)/python -m retrieval.model_card --run runs/sprc-shapes --data data/shapes \
+	  --out models/sprc-shapes --commands-file runs/sprc-shapes/commands.txt
 
 test: setup
 	$(BIN)/python -m pytest -q

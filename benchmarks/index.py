@@ -178,6 +178,9 @@ def sweep(
     pooled = tokens.mean(axis=1)
     pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
     rows = []
+    # the load of a shared machine drifts: time numpy again next to the sweep for the ratios
+    _, t_np = numpy_exact(tokens, qs[:50], 10)
+    np_p50 = pct(t_np)[0]
     for cands in sizes:
         oracle = oracle_recall(tokens, pooled, qs, truth, cands)
         for eff in ef_factors:
@@ -186,6 +189,7 @@ def sweep(
                 opts["fast_exact_prefetch"] = True
             else:
                 opts["fast_ef_factor"] = float(eff)
+                opts["fast_exact_prefetch"] = False  # the HNSW walk, whatever the default
             idx = open_index(uri, "bench", read_only=True, options=opts)
             try:
                 run_queries(idx, qs[:5], 10, "fast")

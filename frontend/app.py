@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 GRID_COLUMNS = 4  # result cards per row
 DEFAULT_TOP_K = 12  # three full rows
 GALLERY_PAGE = 8  # gallery thumbnails per page (two rows)
+REF_WIDTH = 240  # pixels of the current-reference preview
 
 # Session-state keys (tests and docs/ui.md refer to these).
 K_REF = "ref"  # Reference | None: the current reference
@@ -322,7 +323,9 @@ def run_pending(gw: Gateway) -> None:
 
 
 # ---------------------------------------------------------------------------- rendering
-def show_image(gw: Gateway, image_id: str, payload: dict[str, Any] | None = None) -> None:
+def show_image(
+    gw: Gateway, image_id: str, payload: dict[str, Any] | None = None, width: Any = "stretch"
+) -> None:
     """A gallery thumbnail through GetImage (cached), else the payload's, else a note."""
     data: bytes | None
     try:
@@ -332,7 +335,7 @@ def show_image(gw: Gateway, image_id: str, payload: dict[str, Any] | None = None
         if data is None:
             st.caption(f"(no preview: {err.kind.replace('_', ' ')})")
             return
-    st.image(data, width="stretch")
+    st.image(data, width=width)
 
 
 def render_sidebar(gw: Gateway, settings: UISettings, info: InfoView | None) -> None:
@@ -382,10 +385,9 @@ def render_sidebar(gw: Gateway, settings: UISettings, info: InfoView | None) -> 
                     lo_col, hi_col = st.columns(2)
                     for col, end in ((lo_col, "min"), (hi_col, "max")):
                         key = f"flt_{name}_{end}"
-                        # value=None (empty = open end) only on first draw: passing a default
-                        # for a key set through session state (Revisit) makes Streamlit warn
-                        extra: dict[str, Any] = {} if key in ss else {"value": None}
-                        col.number_input(f"{name} {end}", step=step, key=key, **extra)
+                        # value=None: empty means an open end (and None, unlike other
+                        # defaults, does not clash with Revisit writing the key)
+                        col.number_input(f"{name} {end}", value=None, step=step, key=key)
                 elif ftype == "bool":
                     st.selectbox(name, ["any", "true", "false"], key=f"flt_{name}")
 
@@ -395,7 +397,7 @@ def render_sidebar(gw: Gateway, settings: UISettings, info: InfoView | None) -> 
             st.caption("Each search adds a step (reference + text) you can come back to.")
         for i, step_q in enumerate(history):
             marker = "▶ " if ss[K_HPOS] == i else ""
-            cols = st.columns([3, 1.3], vertical_alignment="center")
+            cols = st.columns([5, 3], vertical_alignment="center")
             cols[0].markdown(f"{marker}**{i + 1}.** {step_q.summary()}")
             cols[1].button("Revisit", key=f"revisit_{i}", on_click=on_revisit, args=(i,))
         if history:
@@ -412,9 +414,9 @@ def render_reference(gw: Gateway, box: Any) -> None:
             st.caption("Without a reference the search uses the text alone.")
             return
         if ref.kind == "upload" and ref.data:
-            st.image(ref.data, width="stretch")
+            st.image(ref.data, width=REF_WIDTH)
         elif ref.gallery_id:
-            show_image(gw, ref.gallery_id)
+            show_image(gw, ref.gallery_id, width=REF_WIDTH)
         st.markdown(f"**Current reference:** {ref.describe()}")
         st.button("Clear reference", key="clear_ref", on_click=on_clear_reference)
 

@@ -40,6 +40,8 @@ def streamlit_command(host: str, port: int, python: str | None = None) -> list[s
         host,
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",  # no "Deploy" button for the people searching
         "--server.fileWatcherType",
         "none",  # no reloader threads polling the tree in production
     ]
@@ -73,7 +75,7 @@ def run_streamlit(settings: UISettings, host: str, port: int) -> int:
 
 def ui(
     server: str = typer.Option(
-        os.environ.get("CIR_UI_SERVER", DEFAULT_SERVER), "--server", help="gRPC server HOST:PORT"
+        DEFAULT_SERVER, "--server", envvar="CIR_UI_SERVER", help="gRPC server HOST:PORT"
     ),
     port: int = typer.Option(8501, "--port", min=1, max=65535, help="port of the web page"),
     host: str = typer.Option("127.0.0.1", "--host", help="address the web page binds"),
@@ -81,7 +83,11 @@ def ui(
         None, "--api-key", envvar="CIR_UI_API_KEY", help="API key for the server (x-api-key)"
     ),
     timeout: float = typer.Option(
-        DEFAULT_TIMEOUT_S, "--timeout", min=0.1, help="per-call deadline in seconds"
+        DEFAULT_TIMEOUT_S,
+        "--timeout",
+        envvar="CIR_UI_TIMEOUT",
+        min=0.1,
+        help="per-call deadline in seconds",
     ),
     tls_ca: Path | None = typer.Option(
         None, "--tls-ca", exists=True, dir_okay=False, help="CA PEM of a TLS server"

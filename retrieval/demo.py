@@ -82,11 +82,13 @@ def write_manifest(data: Path, out: Path) -> Path:
 def index_is_current(index: str, name: str, model: str, expected: int) -> bool:
     """An active version built by this encoder with every gallery image in it."""
     from retrieval.encoder import Encoder
-    from retrieval.index import GalleryIndexError, open_index
+    from retrieval.index import GalleryIndexError, IndexInUseError, open_index
 
     fingerprint = Encoder.from_pretrained(model).fingerprint
     try:
         idx = open_index(index, name=name, encoder_fingerprint=fingerprint)
+    except IndexInUseError:
+        raise
     except GalleryIndexError as exc:
         logger.info("index not reusable: %s", exc)
         return False
@@ -174,8 +176,16 @@ def run_demo(cfg: DemoConfig) -> None:
         raise typer.BadParameter(
             f"demo model not found at {cfg.model} (it is committed in the repository)"
         )
+    from retrieval.index import IndexInUseError
+
     ensure_world(cfg.data, cfg.seed)
-    ensure_index(cfg)
+    try:
+        ensure_index(cfg)
+    except IndexInUseError as exc:
+        typer.echo(
+            f"[demo] {exc}: is another `cir demo` or `cir serve` using {cfg.index}?", err=True
+        )
+        raise typer.Exit(code=1) from exc
     target = f"{cfg.host}:{cfg.grpc_port}"
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False

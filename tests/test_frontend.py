@@ -369,5 +369,23 @@ def test_fake_gateway_raises_only_ui_errors() -> None:
     assert gw.list_images(3).total == 3 and gw.info().fields["size"] == "integer"
 
 
+def test_fake_revisit_restores_text_and_filters(fake_app: Any) -> None:
+    at = fake_app.run()
+    at.text_input(key="mod_text").input("one")
+    at.number_input(key="flt_size_min").set_value(3)
+    at.button(key="search").click().run()
+    at.text_input(key="mod_text").input("two")
+    at.number_input(key="flt_size_min").set_value(None)
+    at.button(key="search").click().run()
+    assert at.session_state["query"].filter == {}
+    at.button(key="revisit_0").click().run()
+    assert not at.exception and not at.error and not at.warning, _errors(at)
+    assert at.text_input(key="mod_text").value == "one"
+    assert at.number_input(key="flt_size_min").value == 3
+    assert at.session_state["query"].filter == {"size": {"gte": 3}}
+    assert len(at.session_state["history"]) == 2 and at.session_state["history_pos"] == 0
+    assert at.button(key="more").disabled  # the fake's page came back short
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

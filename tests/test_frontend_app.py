@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
-
 from helpers_server import Gallery, build_gallery, draw, free_port, start_server
+from PIL import Image
 
 APP = Path(__file__).resolve().parents[1] / "frontend" / "app.py"
 API_KEY = "ui-test-key"

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers_server import Gallery, build_gallery, free_port, start_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,8 +140,7 @@ def test_search_and_refine_in_chromium(ui: str) -> None:
 
             # text + Search -> result grid with thumbnails, ranks and scores
             box = page.get_by_label("Modification text")
-            box.fill("make it blue")
-            box.press("Enter")
+            box.fill("make it blue")  # no Enter: the click must carry the typed text
             page.get_by_role("button", name="Search", exact=True).click()
             card2 = page.locator(".st-key-card_2")
             expect(card2).to_be_visible()
@@ -150,20 +148,35 @@ def test_search_and_refine_in_chromium(ui: str) -> None:
             expect(page.get_by_text(re.compile(r"#1 · score -?\d+\.\d{4}"))).to_be_visible()
             assert page.locator("[class*='st-key-card_'] img").count() == 12
             expect(page.locator(".st-key-revisit_0")).to_be_visible()  # history step 1
-            target = re.search(r"img-\d{3}", card2.inner_text())
-            assert target, card2.inner_text()
-            target_id = target.group(0)
+            # the first result that is not the current reference (it often ranks itself high)
+            rank, target_id = next(
+                (r, found.group(0))
+                for r in range(1, 13)
+                if (
+                    found := re.search(r"img-\d{3}", page.locator(f".st-key-card_{r}").inner_text())
+                )
+                and found.group(0) != picked_id
+            )
 
-            # refine: rank 2 becomes the reference and a second search runs
+            # refine: that result becomes the reference and a second search runs
             # (.first: with a help tooltip Streamlit nests the button in a second button-role node)
-            page.locator(".st-key-refine_2 button").first.click()
+            page.locator(f".st-key-refine_{rank} button").first.click()
             expect(
                 page.get_by_text(f"Current reference: gallery image {target_id}")
             ).to_be_visible()
             expect(page.locator(".st-key-revisit_1")).to_be_visible()  # history step 2
             expect(page.get_by_text(re.compile(rf"Results for {target_id} \+"))).to_be_visible()
             expect(page.locator(".st-key-card_12 img")).to_be_visible()
-            page.wait_for_timeout(500)  # let the last thumbnails paint
+            # Streamlit scrolls inside its own container, so full_page cannot grow the shot:
+            # a tall viewport shows reference, query, history and the whole grid at once.
+            page.mouse.move(0, 0)  # no tooltip over the cards
+            page.set_viewport_size({"width": 1400, "height": 2300})
+            page.evaluate(
+                "for (const el of document.querySelectorAll('[data-testid=stMain], "
+                "[data-testid=stAppViewContainer], section.main')) el.scrollTo(0, 0);"
+                "window.scrollTo(0, 0);"
+            )
+            page.wait_for_timeout(800)  # let the last thumbnails paint
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()

@@ -679,7 +679,11 @@ def test_fast_plan_from_recall_target():
     lo = fast_plan(10, 0, {"fast_recall": 0.5})[0]
     hi = fast_plan(10, 0, {"fast_recall": 0.999})[0]
     assert lo <= fast_plan(10, 0, {})[0] <= hi
-    big, ef = fast_plan(1000, 500, {"fast_recall": 0.9})
+    big, ef, _ = fast_plan(1000, 500, {"fast_recall": 0.9})
     assert big >= 8 * 1500 and ef >= big  # deeper pages get more; ef never below L
-    assert fast_plan(10, 0, {"fast_min_candidates": 300, "fast_hnsw_ef": 10}) == (300, 300)
-    assert fast_plan(10, 0, {"fast_min_candidates": 300, "fast_ef_factor": 2}) == (300, 600)
+    opts = {"fast_min_candidates": 300, "fast_exact_prefetch": False}
+    assert fast_plan(10, 0, {**opts, "fast_hnsw_ef": 10}) == (300, 300, False)
+    assert fast_plan(10, 0, {**opts, "fast_ef_factor": 2}) == (300, 600, False)
+    # auto: an exact prefetch scan once L is a sizeable share of the gallery
+    assert fast_plan(10, 0, {"fast_min_candidates": 300}, n=1000)[2]
+    assert not fast_plan(10, 0, {"fast_min_candidates": 300}, n=10_000_000)[2]

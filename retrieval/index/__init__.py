@@ -16,12 +16,17 @@ Usage::
     hits = idx.search(query, top_k=10, offset=0, filter={"category": "bag"}, mode="auto")
     hits[0].id, hits[0].score, hits[0].payload
     idx.count(); idx.get(ids, with_vectors=True); idx.delete(ids)
+    recs, nxt = idx.scroll(limit=256, offset=None, with_payload={"exclude": ["thumbnail"]})
+    idx.iter_records(batch=1000); idx.sample(20, seed=7)
 
     # zero-downtime rebuild (the server keeps serving the active version meanwhile)
     with idx.create_version(VersionMeta(fp, "sprc-demo", (32, 256), {"category": "keyword"})) as v:
         v.upsert(ids, tokens, payloads)
     idx.activate(v.version)                  # atomic; the server picks it up with idx.refresh()
     idx.rollback()
+    h = idx.open_version("v000005", read_only=True)   # resume / verify a version (its lock)
+    idx.update_version_meta("v000005", {"verified": True})
+    [(i.version, i.active, i.ever_active, i.activated_at) for i in idx.versions()]
 
 Filters: ``{"category": "bag", "price": {"gte": 10, "lt": 50}, "color": ["red", "blue"]}``
 (equality, range, any-of; all must hold) on fields declared in ``VersionMeta.fields``.
@@ -45,6 +50,7 @@ from retrieval.index.api import (
     GalleryIndex,
     Hit,
     IndexView,
+    PayloadSelector,
     Record,
     SearchMode,
     VersionHandle,
@@ -86,6 +92,14 @@ def parse_uri(uri: str) -> tuple[str, str]:
         f"unknown index URI scheme {scheme!r} in {uri!r}: use edge:PATH, qdrant:URL, "
         "local:PATH or local::memory:"
     )
+
+
+def validate_filter(flt: Filter | None, fields: Mapping[str, FieldType]) -> None:
+    """Check a filter against declared fields without touching an index (e.g. to answer
+    INVALID_ARGUMENT early); raises ``InvalidFilterError`` exactly as ``search`` would."""
+    from retrieval.index.common import parse_filter
+
+    parse_filter(flt, fields)
 
 
 def open_index(
@@ -166,6 +180,7 @@ __all__ = [
     "InvalidFilterError",
     "InvalidQueryError",
     "ModelMismatchError",
+    "PayloadSelector",
     "Record",
     "SearchMode",
     "VersionHandle",
@@ -173,4 +188,5 @@ __all__ = [
     "VersionMeta",
     "open_index",
     "parse_uri",
+    "validate_filter",
 ]

@@ -247,25 +247,34 @@ def _any(key: str, ftype: str, values: Sequence[Any]) -> Condition:
 
 
 #: ``fast`` prefetch size L per recall@10 target (measured, docs/benchmarks_index.md): the
-#: smallest L whose recall@10 reached the target at 100k on the synthetic set. Targets between
-#: two rows take the larger L.
+#: smallest swept L whose recall@10 reached the target at 100k on the synthetic set. Targets
+#: between two rows take the larger L (the safe side). Data-dependent: recalibrate with
+#: ``benchmarks/index.py --features ... --sweep L=...`` on real features.
 FAST_RECALL_TABLE: tuple[tuple[float, int], ...] = (
-    (0.90, 500),
-    (0.95, 1000),
-    (0.98, 2000),
-    (0.99, 4000),
+    (0.90, 1000),
+    (0.95, 2000),
+    (0.98, 4000),
+    (0.99, 8000),
 )
 DEFAULT_FAST_RECALL = 0.99
+#: ``fast_exact_prefetch="auto"``: scan `pooled` exactly instead of walking HNSW when
+#: L x EXACT_PREFETCH_RATIO >= points (ef >= L visits on the order of ef x m nodes, so for
+#: large L the graph walk costs more than the scan and loses recall too).
+EXACT_PREFETCH_RATIO = 16
 
 
-def fast_plan(top_k: int, offset: int, options: Mapping[str, Any]) -> tuple[int, int]:
-    """``(L, hnsw_ef)`` for a ``fast`` query.
+def fast_plan(
+    top_k: int, offset: int, options: Mapping[str, Any], n: int | None = None
+) -> tuple[int, int, bool]:
+    """``(L, hnsw_ef, exact_prefetch)`` for a ``fast`` query over ``n`` points.
 
     L (prefetched candidates): ``fast_min_candidates`` when given, otherwise the row of
     :data:`FAST_RECALL_TABLE` for ``fast_recall`` (default 0.99); in both cases at least
     ``fast_factor`` (default 8) x ``offset + top_k``, so deeper pages get more candidates.
     hnsw_ef: ``fast_hnsw_ef`` when given, otherwise ``fast_ef_factor`` (default 1.0) x L and
     never below L (HNSW returns at most ef points: ef < L silently shrinks the candidate list).
+    exact_prefetch: ``fast_exact_prefetch`` True/False, or ``"auto"`` (default): exact when
+    ``L x fast_exact_prefetch_ratio`` (default :data:`EXACT_PREFETCH_RATIO`) >= ``n``.
     """
     if "fast_min_candidates" in options:
         base = int(options["fast_min_candidates"])
@@ -282,7 +291,11 @@ def fast_plan(top_k: int, offset: int, options: Mapping[str, Any]) -> tuple[int,
         ef = int(options["fast_hnsw_ef"])
     else:
         ef = int(math.ceil(float(options.get("fast_ef_factor", 1.0)) * limit_l))
-    return limit_l, max(ef, limit_l)
+    exact = options.get("fast_exact_prefetch", "auto")
+    if exact == "auto":
+        ratio = float(options.get("fast_exact_prefetch_ratio", EXACT_PREFETCH_RATIO))
+        exact = n is not None and limit_l * ratio >= n
+    return limit_l, max(ef, limit_l), bool(exact)
 
 
 def fast_candidates(top_k: int, offset: int, options: Mapping[str, Any]) -> int:

@@ -307,9 +307,9 @@ class _Shard:
                 if n >= int(self.options.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS))
                 else "exact"
             )
-        limit_l, ef = common.fast_plan(top_k, offset, self.options)
+        limit_l, ef, exact_pre = common.fast_plan(top_k, offset, self.options, n)
         # exact prefetch: scan every `pooled` vector instead of walking the HNSW graph
-        pre_params = q.SearchParams(hnsw_ef=ef, exact=bool(self.options.get("fast_exact_prefetch")))
+        pre_params = q.SearchParams(hnsw_ef=ef, exact=exact_pre)
         if mode == "fast" and limit_l >= n:
             mode = "exact"  # the candidate list would hold every point anyway
         oversampling = float(self.options.get("oversampling", 2.0))

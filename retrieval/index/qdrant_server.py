@@ -210,7 +210,7 @@ class _Target:
                 if n >= int(opts.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS))
                 else "exact"
             )
-        limit_l, ef = common.fast_plan(top_k, offset, opts)
+        limit_l, ef, exact_pre = common.fast_plan(top_k, offset, opts, n)
         if mode == "fast" and limit_l >= n:
             mode = "exact"
         params = m.SearchParams(
@@ -227,9 +227,7 @@ class _Target:
                     using="pooled",
                     limit=limit_l,
                     filter=flt,
-                    params=m.SearchParams(
-                        hnsw_ef=ef, exact=bool(opts.get("fast_exact_prefetch", False))
-                    ),
+                    params=m.SearchParams(hnsw_ef=ef, exact=exact_pre),
                 )
             reqs.append(
                 m.QueryRequest(
