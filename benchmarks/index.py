@@ -326,6 +326,7 @@ def encode_gallery(
     from retrieval.encoder import Encoder
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # shared machine
+    cache = cache / f"{Path(model).name}-{gallery.stem}-{limit or 'all'}-{nq}"  # no stale reuse
     cache.mkdir(parents=True, exist_ok=True)
     f_path, q_path = cache / "targets.npy", cache / "queries.npy"
     enc = Encoder.from_pretrained(model)
@@ -395,7 +396,7 @@ def main() -> None:
     rows: list[dict] = []
     if args.features:
         qs_real: np.ndarray | None = None
-        if Path(args.features).is_dir():
+        if not args.features.endswith(".npy"):  # a model folder (or a preset name)
             tokens, qs_real = encode_gallery(
                 args.features, args.gallery, args.triplets, args.limit, args.queries_n, args.cache
             )

@@ -110,7 +110,9 @@ def free_port() -> int:
     return fp()
 
 
-def start_server(model: str, work: Path, name: str, batching: bool, args: Any) -> tuple[Any, int]:
+def start_server(
+    model: str, work: Path, name: str, batching: bool, args: Any, dtype: str = "float32"
+) -> tuple[Any, int]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -139,6 +141,8 @@ def start_server(model: str, work: Path, name: str, batching: bool, args: Any) -
         "0",
         "--log-format",
         "text",
+        "--dtype",
+        dtype,
     ]
     env = dict(os.environ)
     if args.threads:
@@ -235,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=3.0, help="server --max-wait-ms")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument(
+        "--dtypes", default="float32", help="server compute dtypes, e.g. float32,bfloat16"
+    )
     p.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench-server")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args(argv)
@@ -255,17 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for n in sizes:
         name = build_index(args.work_dir, n, encoder)
-        for batching in (True, False):
-            proc, port = start_server(model, args.work_dir, name, batching, args)
+        for dtype, batching in [(d, b) for d in args.dtypes.split(",") for b in (True, False)]:
+            proc, port = start_server(model, args.work_dir, name, batching, args, dtype)
             try:
                 for c in concs:
                     r = asyncio.run(
                         run_load(port, images, c, args.duration, args.warmup, args.top_k)
                     )
-                    r.update(gallery=n, batching=batching, concurrency=c)
+                    r.update(gallery=n, batching=batching, concurrency=c, dtype=dtype)
                     rows.append(r)
                     print(
-                        f"gallery={n:>7} batching={'on ' if batching else 'off'} c={c:>3}  "
+                        f"gallery={n:>7} {dtype} batching={'on ' if batching else 'off'} c={c:>3}  "
                         f"QPS={r['qps']:7.1f}  p50={r['p50_ms']:7.1f} ms  "
                         f"p99={r['p99_ms']:7.1f} ms  batch={r['mean_batch']:.1f}  "
                         f"errors={r['errors'] or 0}",
@@ -274,23 +281,28 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop_server(proc)
     print()
-    print("| gallery | batching | concurrency | QPS | p50 ms | p99 ms | mean batch | errors |")
-    print("|---:|:---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| gallery | dtype | batching | concurrency | QPS | p50 ms | p99 ms | mean batch | errors |"
+    )
+    print("|---:|:---:|:---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['gallery']:,} | {'on' if r['batching'] else 'off'} | {r['concurrency']} | "
+            f"| {r['gallery']:,} | {r['dtype']} | {'on' if r['batching'] else 'off'} | "
+            f"{r['concurrency']} | "
             f"{r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | "
             f"{sum(r['errors'].values()) if r['errors'] else 0} |"
         )
     for n in sizes:
-        on = {r["concurrency"]: r for r in rows if r["gallery"] == n and r["batching"]}
-        off = {r["concurrency"]: r for r in rows if r["gallery"] == n and not r["batching"]}
-        hi = max(concs)
-        if hi in on and hi in off and off[hi]["qps"] > 0:
-            print(
-                f"gallery {n:,}: batching speed-up at concurrency {hi}: "
-                f"{on[hi]['qps'] / off[hi]['qps']:.2f}x"
-            )
+        for dtype in args.dtypes.split(","):
+            sel = [r for r in rows if r["gallery"] == n and r["dtype"] == dtype]
+            on = {r["concurrency"]: r for r in sel if r["batching"]}
+            off = {r["concurrency"]: r for r in sel if not r["batching"]}
+            hi = max(concs)
+            if hi in on and hi in off and off[hi]["qps"] > 0:
+                print(
+                    f"gallery {n:,} {dtype}: batching speed-up at concurrency {hi}: "
+                    f"{on[hi]['qps'] / off[hi]['qps']:.2f}x"
+                )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {

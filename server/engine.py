@@ -29,7 +29,6 @@ THUMBNAIL_KEYS = ("thumbnail", "thumbnail_b64", "thumbnail_path")
 #: Payload keys that hold the original image's location, in order of preference.
 PATH_KEYS = ("path", "file", "uri", "source")
 #: Gallery browsing goes deeper than search pagination: exact scan, bounded by the index.
-MAX_BROWSE_DEPTH = 10_000
 
 
 class RequestError(Exception):
@@ -144,6 +143,7 @@ class Engine:
         self.settings = settings
         self.encoder = encoder
         self.index = index
+        self._browse_cache: tuple[str | None, list[str]] | None = None
         self.cache = FeatureCache(
             settings.feature_cache_size, int(settings.feature_cache_mb * 1024 * 1024)
         )
@@ -168,11 +168,10 @@ class Engine:
         """Early, clear INVALID_ARGUMENT for filters the index would refuse."""
         if not flt:
             return
-        from retrieval.index import InvalidFilterError
-        from retrieval.index.common import parse_filter
+        from retrieval.index import InvalidFilterError, validate_filter
 
         try:
-            parse_filter(flt, self.fields())
+            validate_filter(flt, self.fields())  # type: ignore[arg-type]
         except InvalidFilterError as exc:
             raise RequestError("INVALID_ARGUMENT", f"filter: {exc}") from None
 
@@ -419,35 +418,34 @@ class Engine:
         return results, version, (time.perf_counter() - t0) * 1000.0
 
     # ------------------------------------------------------------------ browsing (io pool)
+    def _browse_ids(self) -> list[str]:
+        """Every id of the active version, sorted (stable pages); rebuilt when the version
+        changes. One id-only scroll: ~0.1 s per 100k points, then O(page) per call."""
+        version = self.index.active_version
+        cached = self._browse_cache
+        if cached is None or cached[0] != version:
+            ids = sorted(r.id for r in self.index.iter_records(batch=2048, with_payload=False))
+            cached = (version, ids)
+            self._browse_cache = cached
+        return cached[1]
+
     def list_images(
         self, page_size: int, offset: int, seed: int | None
     ) -> tuple[list[Any], int | None, int]:
-        """A page of the gallery (or a seeded sample): (records, next offset, total).
-
-        The index API has no scroll yet, so pages come from an exact scan ordered by a fixed
-        probe vector (stable across pages of one version); a seeded random probe gives a
-        sample. Browsing is bounded to the first ``MAX_BROWSE_DEPTH`` items.
-        """
-        total = int(self.index.count())
-        if total == 0:
-            return [], None, 0
-        dim = int(self.encoder.dim)
-        rng = np.random.default_rng(0 if seed is None else int(seed) + 1)
-        probe = rng.standard_normal(dim).astype(np.float32)
+        """A page of the gallery in id order, or a seeded uniform random sample:
+        (records without thumbnails, next offset or None, total)."""
+        ids = self._browse_ids()
+        total = len(ids)
         if seed is not None:
-            n = min(page_size, total)
-            hits = self.index.search(probe, top_k=n, offset=0, mode="exact")
-            return hits, None, total
-        if offset >= total:
-            return [], None, total
-        depth = min(total, MAX_BROWSE_DEPTH)
-        if offset >= depth:
-            raise RequestError(
-                "INVALID_ARGUMENT",
-                f"offset {offset} is beyond the browsable depth {depth} (use random_seed to "
-                "sample a larger gallery)",
-            )
-        n = min(page_size, depth - offset)
-        hits = self.index.search(probe, top_k=n, offset=offset, mode="exact")
-        nxt = offset + len(hits)
-        return hits, (nxt if nxt < depth and hits else None), total
+            rng = np.random.default_rng(int(seed))
+            picked: list[int] = rng.choice(
+                total, size=min(page_size, total), replace=False
+            ).tolist()
+            page, nxt = [ids[i] for i in picked], None
+        else:
+            if offset >= total:
+                return [], None, total
+            page = ids[offset : offset + page_size]
+            nxt = offset + len(page) if offset + len(page) < total else None
+        records = {r.id: r for r in self.index.get(page, with_payload={"exclude": ["thumbnail"]})}
+        return [records[i] for i in page if i in records], nxt, total

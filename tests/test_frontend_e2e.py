@@ -146,7 +146,7 @@ def test_search_and_refine_in_chromium(ui: str) -> None:
             expect(card2).to_be_visible()
             expect(page.locator(".st-key-card_1 img")).to_be_visible()
             expect(page.get_by_text(re.compile(r"#1 · score -?\d+\.\d{4}"))).to_be_visible()
-            assert page.locator("[class*='st-key-card_'] img").count() == 12
+            expect(page.locator("[class*='st-key-card_'] img")).to_have_count(12)
             expect(page.locator(".st-key-revisit_0")).to_be_visible()  # history step 1
             # the first result that is not the current reference (it often ranks itself high)
             rank, target_id = next(

@@ -687,3 +687,12 @@ def test_fast_plan_from_recall_target():
     # auto: an exact prefetch scan once L is a sizeable share of the gallery
     assert fast_plan(10, 0, {"fast_min_candidates": 300}, n=1000)[2]
     assert not fast_plan(10, 0, {"fast_min_candidates": 300}, n=10_000_000)[2]
+
+
+def test_auto_mode_prefers_exact_when_l_is_a_large_share():
+    from retrieval.index.common import auto_mode
+
+    assert auto_mode(10, 0, 10_000, {}) == "exact"  # below auto_fast_min_points
+    assert auto_mode(10, 0, 30_000, {}) == "exact"  # L=8000 > 25% of 30k: exact is faster
+    assert auto_mode(10, 0, 100_000, {}) == "fast"
+    assert auto_mode(10, 0, 30_000, {"fast_recall": 0.95}) == "fast"  # L=2000

@@ -251,16 +251,18 @@ def _any(key: str, ftype: str, values: Sequence[Any]) -> Condition:
 #: between two rows take the larger L (the safe side). Data-dependent: recalibrate with
 #: ``benchmarks/index.py --features ... --sweep L=...`` on real features.
 FAST_RECALL_TABLE: tuple[tuple[float, int], ...] = (
-    (0.90, 1000),
-    (0.95, 2000),
-    (0.98, 4000),
-    (0.99, 8000),
+    (0.95, 2000),  # 100k: 0.950
+    (0.97, 4000),  # 100k: 0.978
+    (0.99, 8000),  # 100k: 0.9935 (30k: 0.998, 10k: 1.0)
 )
 DEFAULT_FAST_RECALL = 0.99
 #: ``fast_exact_prefetch="auto"``: scan `pooled` exactly instead of walking HNSW when
-#: L x EXACT_PREFETCH_RATIO >= points (ef >= L visits on the order of ef x m nodes, so for
-#: large L the graph walk costs more than the scan and loses recall too).
-EXACT_PREFETCH_RATIO = 16
+#: L x EXACT_PREFETCH_RATIO >= points. With ef >= L the walk visits on the order of ef x m
+#: nodes, so for a large L it costs more than the scan and loses some recall too: measured
+#: at 10k-100k the exact scan was faster (or within noise), and never less accurate, for every
+#: L from 1.7% to 80% of the gallery (docs/benchmarks_index.md); HNSW is kept for smaller
+#: shares (e.g. 1M points with L < 15.6k).
+EXACT_PREFETCH_RATIO = 64
 
 
 def fast_plan(
@@ -296,6 +298,25 @@ def fast_plan(
         ratio = float(options.get("fast_exact_prefetch_ratio", EXACT_PREFETCH_RATIO))
         exact = n is not None and limit_l * ratio >= n
     return limit_l, max(ef, limit_l), bool(exact)
+
+
+#: ``auto`` uses ``fast`` only when L is below this share of the gallery: the rerank costs about
+#: 5x more per candidate than the ``exact`` int8 scan per point (100k: L=8000 took 37.5 ms,
+#: the full exact scan 94.6 ms), so a larger L is slower than ``exact``.
+AUTO_FAST_MAX_SHARE = 0.25
+
+
+def auto_mode(top_k: int, offset: int, n: int, options: Mapping[str, Any]) -> str:
+    """``exact`` or ``fast`` for ``mode="auto"`` over ``n`` points: ``fast`` from
+    ``auto_fast_min_points`` (20,000) points on, and only when its L is below
+    ``auto_fast_max_share`` (0.25) of ``n``."""
+    from retrieval.index.api import AUTO_FAST_MIN_POINTS
+
+    if n < int(options.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS)):
+        return "exact"
+    limit_l = fast_plan(top_k, offset, options, n)[0]
+    share = float(options.get("auto_fast_max_share", AUTO_FAST_MAX_SHARE))
+    return "fast" if limit_l < share * n else "exact"
 
 
 def fast_candidates(top_k: int, offset: int, options: Mapping[str, Any]) -> int:

@@ -21,7 +21,6 @@ import numpy as np
 
 from retrieval.index import common
 from retrieval.index.api import (
-    AUTO_FAST_MIN_POINTS,
     ID_KEY,
     FieldType,
     Filter,
@@ -302,11 +301,7 @@ class _Shard:
         n = self.count()
         flt = edge_filter(conds)
         if mode == "auto":
-            mode = (
-                "fast"
-                if n >= int(self.options.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS))
-                else "exact"
-            )
+            mode = common.auto_mode(top_k, offset, n, self.options)
         limit_l, ef, exact_pre = common.fast_plan(top_k, offset, self.options, n)
         # exact prefetch: scan every `pooled` vector instead of walking the HNSW graph
         pre_params = q.SearchParams(hnsw_ef=ef, exact=exact_pre)

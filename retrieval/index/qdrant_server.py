@@ -28,7 +28,6 @@ import numpy as np
 
 from retrieval.index import common
 from retrieval.index.api import (
-    AUTO_FAST_MIN_POINTS,
     ID_KEY,
     FieldType,
     Filter,
@@ -205,11 +204,7 @@ class _Target:
         n = self.count()
         flt = client_filter(conds)
         if mode == "auto":
-            mode = (
-                "fast"
-                if n >= int(opts.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS))
-                else "exact"
-            )
+            mode = common.auto_mode(top_k, offset, n, opts)
         limit_l, ef, exact_pre = common.fast_plan(top_k, offset, opts, n)
         if mode == "fast" and limit_l >= n:
             mode = "exact"
