@@ -32,7 +32,7 @@ demo: setup
 # cores; one torch thread copes best with a shared machine), evaluate, write the card.
 TRAIN_FLAGS ?= --init sprc-small --batch-size 32 --max-steps 2000 --lr 6e-4 --warmup 0.05 \
 	--train-vit --num-threads 1 --seed 0 --save-every 200 --val-limit 300 --val-gallery 1000 \
-	--time-budget-min 100
+	--time-budget-min 100 --weights-dtype float16
 demo-model: setup-python
 	test -f data/shapes/gallery.jsonl || $(BIN)/cir data shapes --out data/shapes --seed 0 --overwrite
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/cir train --data data/shapes --out runs/sprc-shapes $(TRAIN_FLAGS)
@@ -46,8 +46,9 @@ demo-model: setup-python
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Tests marked `slow` (kept out of `make test`); exit code 5 = none are marked at the moment.
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
 
 lint: setup-python
 	$(BIN)/ruff check .

@@ -189,7 +189,8 @@ def format_table(result: dict[str, Any]) -> str:
     ks = list(result["recall"])
     head = f"{'':<22}" + "".join(f"{'R@' + k:>9}" for k in ks)
     lines = [
-        f"split={result['split']}  n={result['n']}  gallery={result['gallery_size']}  model={result['model']}",
+        f"Recall@K (%)  split={result['split']}  n={result['n']}  gallery={result['gallery_size']}"
+        f"  model={result['model']}",
         head,
         f"{'SPRC (image+text)':<22}" + "".join(f"{100 * result['recall'][k]:>9.2f}" for k in ks),
     ]

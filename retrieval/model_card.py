@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retrieval.data.triplets import load_meta
+from retrieval.data.triplets import load_gallery, load_meta
 from retrieval.encoder import CONFIG_NAME, VOCAB_NAME, WEIGHTS_NAME, Encoder
-from retrieval.evaluate import evaluate, format_table
+from retrieval.evaluate import encode_gallery, evaluate, format_table
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ By modification type (test):
 Reproduce: `cir data shapes --out data/shapes --seed {data["seed"]}` then
 `cir eval --model models/sprc-shapes --data data/shapes --split test` (the test suite does this).
 
+{card.get("notes", "")}
+
 ## Limits
 
 Trained on 64 px synthetic 2D scenes only: it knows 4 shapes, 8 colours, 2 sizes, 9 cells and
@@ -104,14 +106,15 @@ that, convert the released BLIP-2 / SPRC weights: README).
 
 
 def build_card(
-    run: Path, data: Path, out: Path, command: str, commands: list[str]
+    run: Path, data: Path, out: Path, command: str, commands: list[str], notes: str = ""
 ) -> dict[str, Any]:
     model_dir = run / "model"
     enc = Encoder.from_pretrained(model_dir)
     evals = {}
+    gallery = encode_gallery(enc, data, load_gallery(data))  # shared by both splits
     for split in ("test", "test_unseen"):
-        if (data / f"{split}.jsonl").is_file():
-            res = evaluate(enc, data, split)
+        if (data / f"{split}.jsonl").is_file() and (data / f"{split}.jsonl").stat().st_size:
+            res = evaluate(enc, data, split, gallery=gallery)
             print(format_table(res))
             evals[split] = res
     meta = load_meta(data)
@@ -137,6 +140,7 @@ def build_card(
         },
         "training": {**summary, "config": train_cfg},
         "eval": evals,
+        "notes": notes,
     }
     (out / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
     (out / CARD_MD).write_text(render_markdown(card))
@@ -152,10 +156,12 @@ def main() -> None:
     ap.add_argument(
         "--commands-file", type=Path, help="the commands the make target ran, one per line"
     )
+    ap.add_argument("--notes-file", type=Path, help="Markdown for the card: status, what was tried")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     commands = args.commands_file.read_text().splitlines() if args.commands_file else []
-    build_card(args.run, args.data, args.out, args.command, commands)
+    notes = args.notes_file.read_text() if args.notes_file else ""
+    build_card(args.run, args.data, args.out, args.command, commands, notes)
 
 
 if __name__ == "__main__":

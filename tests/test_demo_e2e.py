@@ -130,19 +130,22 @@ def test_client_finds_known_targets_at_rank_1(world: Path, demo: Demo) -> None:
     target = demo.target
     assert "indexing 300 gallery images" in demo.log.read_text()
     triplets = load_triplets(world, "test")[:40]
-    hits_at_1 = 0
+    at_1 = at_10 = 0
     with CIRClient(target, timeout=30) as client:
         assert client.info().index.count == 300  # type: ignore[attr-defined]
         for t in triplets:
             ref = resolve_path(world, t.reference).read_bytes()
-            res = client.search(t.caption, reference_image=ref, top_k=3)
+            res = client.search(t.caption, reference_image=ref, top_k=11)
             # as in evaluation (and CIRR), the reference itself is not an answer
-            ranked = [h for h in res.results if h.payload.get("gallery_id") != t.reference_id]
-            hits_at_1 += ranked[0].payload.get("gallery_id") == t.target_id
-    rate = hits_at_1 / len(triplets)
-    # a 300-image gallery is easier than the card's full one: its R@1 is a fair floor
-    floor = CARD["eval"]["test"]["recall"]["1"] - 0.1
-    assert rate >= floor, (rate, floor)
+            ranked = [h.payload.get("gallery_id") for h in res.results]
+            ranked = [g for g in ranked if g != t.reference_id][:10]
+            at_1 += ranked[0] == t.target_id
+            at_10 += t.target_id in ranked
+    # thresholds from the card's measured recall on the full 7456-image gallery: a 300-image
+    # gallery is easier, so the full-gallery figures (minus sampling slack) are a fair floor
+    recall = CARD["eval"]["test"]["recall"]
+    assert at_1 / len(triplets) >= recall["1"] - 0.05, (at_1, recall)
+    assert at_10 / len(triplets) >= recall["10"] - 0.1, (at_10, recall)
 
 
 @pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="run `make setup-browser`")

@@ -83,6 +83,6 @@ def test_card_metrics_reproduced_by_cir_eval(card_world: Path, tmp_path: Path) -
     for name in ("image_only", "text_only"):
         for k, v in want["baselines"][name]["recall"].items():
             assert got["baselines"][name]["recall"][k] == pytest.approx(v, abs=0.003), (name, k)
-    # the card's claim: far above both baselines
-    assert got["recall"]["10"] > got["baselines"]["image_only"]["recall"]["10"] + 0.2
+    # what the card claims (MODEL_CARD.md): far above text-only, above image-only at R@50
     assert got["recall"]["10"] > got["baselines"]["text_only"]["recall"]["10"] + 0.2
+    assert got["recall"]["50"] > got["baselines"]["image_only"]["recall"]["50"] + 0.1
