@@ -246,7 +246,7 @@ def _any(key: str, ftype: str, values: Sequence[Any]) -> Condition:
     return Condition(key, "any", [_check_scalar(key, ftype, v) for v in values])
 
 
-#: ``fast`` prefetch size L per recall@10 target (measured, docs/benchmarks_index.md): the
+#: ``fast`` prefetch size L per recall@10 target (measured, docs/benchmarks.md#gallery-index-retrievalindex): the
 #: smallest swept L whose recall@10 reached the target at 100k on the synthetic set. Targets
 #: between two rows take the larger L (the safe side). Data-dependent: recalibrate with
 #: ``benchmarks/index.py --features ... --sweep L=...`` on real features.
@@ -260,7 +260,7 @@ DEFAULT_FAST_RECALL = 0.99
 #: L x EXACT_PREFETCH_RATIO >= points. With ef >= L the walk visits on the order of ef x m
 #: nodes, so for a large L it costs more than the scan and loses some recall too: measured
 #: at 10k-100k the exact scan was faster (or within noise), and never less accurate, for every
-#: L from 1.7% to 80% of the gallery (docs/benchmarks_index.md); HNSW is kept for smaller
+#: L from 1.7% to 80% of the gallery (docs/benchmarks.md#gallery-index-retrievalindex); HNSW is kept for smaller
 #: shares (e.g. 1M points with L < 15.6k).
 EXACT_PREFETCH_RATIO = 64
 
