@@ -307,7 +307,7 @@ class _Shard:
         pre_params = q.SearchParams(hnsw_ef=ef, exact=exact_pre)
         if mode == "fast" and limit_l >= n:
             mode = "exact"  # the candidate list would hold every point anyway
-        oversampling = float(self.options.get("oversampling", 2.0))
+        oversampling = common.oversampling_for(top_k, offset, self.options)
         params = q.SearchParams(
             quantization=q.QuantizationSearchParams(rescore=True, oversampling=oversampling)
         )

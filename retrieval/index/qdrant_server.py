@@ -210,7 +210,7 @@ class _Target:
             mode = "exact"
         params = m.SearchParams(
             quantization=m.QuantizationSearchParams(
-                rescore=True, oversampling=float(opts.get("oversampling", 2.0))
+                rescore=True, oversampling=common.oversampling_for(top_k, offset, opts)
             )
         )
         reqs = []
