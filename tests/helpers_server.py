@@ -31,6 +31,18 @@ COLORS = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("disc", "square", "triangle", "bar")
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (make setup-browser); never a downloaded build
+# headless on a closed network: without the background-networking flags Chromium keeps trying
+# to reach Google's hosts
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_server import free_port
+from helpers_server import CHROMIUM, CHROMIUM_ARGS, free_port
 
 from retrieval.data.shapes import ShapesConfig, generate
 from retrieval.data.triplets import load_triplets, resolve_path
@@ -24,16 +24,6 @@ from server.client import CIRClient
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = json.loads((ROOT / "models" / "sprc-shapes" / "card.json").read_text())
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")

@@ -13,27 +13,17 @@ import re
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_server import Gallery, build_gallery, free_port, start_server
+from helpers_server import CHROMIUM, CHROMIUM_ARGS, Gallery, build_gallery, free_port, start_server
+
+from retrieval.demo import wait_http
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "artifacts"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [
     pytest.mark.browser,
@@ -54,21 +44,6 @@ def server(gallery: Gallery) -> Iterator[Any]:
     srv = start_server(gallery)
     yield srv
     srv.stop()
-
-
-def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the UI exited early with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +74,7 @@ def ui(server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stderr=subprocess.STDOUT,
         )
         try:
-            wait_http_ok(f"http://127.0.0.1:{port}/_stcore/health", proc)
+            wait_http(f"http://127.0.0.1:{port}/_stcore/health", 60, proc)
             yield f"http://127.0.0.1:{port}/"
         finally:
             proc.send_signal(signal.SIGTERM)  # cir ui forwards it to streamlit
