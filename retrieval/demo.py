@@ -68,7 +68,7 @@ def write_manifest(data: Path, out: Path) -> Path:
     with tmp.open("w") as fh:
         for item in load_gallery(data):
             row: dict[str, str | int | float | bool] = {
-                "path": str(resolve_path(data, item.path)),
+                "path": str(resolve_path(data, item.path).resolve()),  # manifest-relative otherwise
                 "gallery_id": item.id,
             }
             row.update(
@@ -120,7 +120,12 @@ def ensure_index(cfg: DemoConfig) -> None:
     ]
     for f in DEMO_FIELDS:
         args += ["--field", f]
-    subprocess.run(_cir(*args), check=True)
+    report = cfg.data / "demo_index_report.json"
+    subprocess.run(_cir(*args, "--report", str(report)), check=True)
+    if not index_is_current(cfg.index, cfg.name, cfg.model, expected):
+        raise RuntimeError(
+            f"indexing did not produce an active index of {expected} images: see {report}"
+        )
 
 
 def wait_grpc(target: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:

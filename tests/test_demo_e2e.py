@@ -174,3 +174,17 @@ def test_ctrl_c_stops_all_then_second_run_reuses(world: Path, demo: Demo, tmp_pa
         _stop(proc, log)
     text = log.read_text()
     assert "reusing index" in text and "generating" not in text and "indexing" not in text
+
+
+def test_manifest_paths_are_absolute_for_a_relative_data_dir(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `cir demo` defaults to the relative data/shapes; the indexer resolves manifest paths
+    # against the manifest's folder, so relative paths would point at data/shapes/data/shapes
+    from retrieval.demo import write_manifest
+
+    monkeypatch.chdir(world.parent)
+    manifest = write_manifest(Path(world.name), tmp_path / "manifest.jsonl")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(rows) == 300
+    assert all(Path(r["path"]).is_absolute() and Path(r["path"]).is_file() for r in rows)
