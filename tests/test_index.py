@@ -725,3 +725,12 @@ def test_exact_mode_is_exact_on_near_ties(tmp_path):
 
     assert recall({}) == 1.0
     assert recall({"oversampling": 1.0}) < 1.0  # the int8 scan alone is not exact here
+
+
+def test_qdrant_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("CIR_INDEX_SHARD_NUMBER", "3")
+    monkeypatch.setenv("CIR_INDEX_REPLICATION_FACTOR", "2")
+    with open_index("local::memory:", "g") as idx:
+        assert (idx._shard_number, idx._replication_factor) == (3, 2)
+    with open_index("local::memory:", "g", shard_number=5) as idx:
+        assert idx._shard_number == 5  # an explicit argument wins

@@ -36,6 +36,7 @@ Errors: see :mod:`retrieval.index.errors`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -113,8 +114,8 @@ def open_index(
     read_only: bool = False,
     keep_versions: int = 3,
     api_key: str | None = None,
-    shard_number: int = 1,
-    replication_factor: int = 1,
+    shard_number: int | None = None,
+    replication_factor: int | None = None,
     timeout: float = 30.0,
     options: Mapping[str, Any] | None = None,
 ) -> GalleryIndex:
@@ -129,7 +130,10 @@ def open_index(
     shard is opened on first data call, so an indexer can build a new version while a server
     owns the active one.
     ``keep_versions``: old (inactive) versions kept after ``activate``.
-    ``api_key``/``shard_number``/``replication_factor``/``timeout``: Qdrant server backend.
+    ``api_key``/``shard_number``/``replication_factor``/``timeout``: Qdrant server backend;
+    when not given they come from ``CIR_INDEX_API_KEY``, ``CIR_INDEX_SHARD_NUMBER`` and
+    ``CIR_INDEX_REPLICATION_FACTOR`` (so every command -- indexer, server, demo -- reaches a
+    secured cluster the same way), else no key and 1 shard, 1 replica.
     ``options``: backend tuning (see docs/index.md), e.g. ``{"fast_recall": 0.99}``.
     """
     backend, location = parse_uri(uri)
@@ -150,12 +154,13 @@ def open_index(
         return EdgeGalleryIndex(location, **common)
     from retrieval.index.qdrant_server import QdrantGalleryIndex
 
+    env = os.environ
     return QdrantGalleryIndex(
         location,
         local=backend == "local",
-        api_key=api_key,
-        shard_number=shard_number,
-        replication_factor=replication_factor,
+        api_key=api_key if api_key is not None else env.get("CIR_INDEX_API_KEY") or None,
+        shard_number=shard_number or int(env.get("CIR_INDEX_SHARD_NUMBER", "1")),
+        replication_factor=replication_factor or int(env.get("CIR_INDEX_REPLICATION_FACTOR", "1")),
         timeout=timeout,
         **common,
     )
