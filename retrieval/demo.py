@@ -79,12 +79,10 @@ def write_manifest(data: Path, out: Path) -> Path:
     return out
 
 
-def index_is_current(index: str, name: str, model: str, expected: int) -> bool:
+def index_is_current(index: str, name: str, fingerprint: str, expected: int) -> bool:
     """An active version built by this encoder with every gallery image in it."""
-    from retrieval.encoder import Encoder
     from retrieval.index import GalleryIndexError, IndexInUseError, open_index
 
-    fingerprint = Encoder.from_pretrained(model).fingerprint
     try:
         idx = open_index(index, name=name, encoder_fingerprint=fingerprint)
     except IndexInUseError:
@@ -100,9 +98,11 @@ def index_is_current(index: str, name: str, model: str, expected: int) -> bool:
 
 def ensure_index(cfg: DemoConfig) -> None:
     from retrieval.data.triplets import load_gallery
+    from retrieval.encoder import Encoder
 
     expected = len(load_gallery(cfg.data))
-    if index_is_current(cfg.index, cfg.name, cfg.model, expected):
+    fingerprint = Encoder.from_pretrained(cfg.model).fingerprint  # loaded once, for the guard
+    if index_is_current(cfg.index, cfg.name, fingerprint, expected):
         typer.echo(f"[demo] reusing index {cfg.index} ({cfg.name}): {expected} images")
         return
     manifest = write_manifest(cfg.data, cfg.data / "demo_manifest.jsonl")
@@ -122,7 +122,7 @@ def ensure_index(cfg: DemoConfig) -> None:
         args += ["--field", f]
     report = cfg.data / "demo_index_report.json"
     subprocess.run(_cir(*args, "--report", str(report)), check=True)
-    if not index_is_current(cfg.index, cfg.name, cfg.model, expected):
+    if not index_is_current(cfg.index, cfg.name, fingerprint, expected):
         raise RuntimeError(
             f"indexing did not produce an active index of {expected} images: see {report}"
         )

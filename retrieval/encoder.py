@@ -268,10 +268,6 @@ class Encoder:
         with self._infer():
             return self.model.image_features(self._pixels(self.preprocess(images)))
 
-    def reference_features_from_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with self._infer():
-            return self.model.image_features(self._pixels(pixel_values))
-
     def encode_queries(
         self,
         images: Sequence[Image.Image] | None,

@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from retrieval.config import get_config
 from retrieval.data.triplets import load_triplets, resolve_path
-from retrieval.encoder import Encoder, build_model, load_model_weights, resolve_device, set_threads
+from retrieval.encoder import Encoder, build_model, resolve_device, set_threads
 from retrieval.imageio import decode_image
 from retrieval.preprocess import ImagePreprocessor
 from retrieval.tokenization import QFormerTokenizer
@@ -63,7 +63,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads (0 = default)
     weights_dtype: str = "float32"  # dtype of the final model's stored weights
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes for the model card
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,7 +174,6 @@ class Trainer:
             self.optimizer, lambda s: lr_lambda(s, self.total_steps, cfg.warmup)
         )
         self.step = 0
-        self.best: dict[str, Any] = {}
         (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     # ---------------------------------------------------------------- state
@@ -190,7 +188,6 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "step": self.step,
                 "rng": _rng_state(),
-                "best": self.best,
                 "config": self.config.to_dict(),
             },
             tmp / "state.pt",
@@ -211,7 +208,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        self.best = state.get("best", {})
         _set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", path, self.step)
         return True
@@ -357,4 +353,4 @@ def train(cfg: TrainConfig, resume: bool = True) -> dict[str, Any]:
     return Trainer(cfg).fit(resume=resume)
 
 
-__all__ = ["TrainConfig", "Trainer", "train", "lr_lambda", "load_model_weights"]
+__all__ = ["TrainConfig", "Trainer", "train", "lr_lambda"]
