@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contextlib
 
 from retrieval.index import VersionMeta, open_index  # noqa: E402
+from retrieval.index.calibrate import calibrate_fast  # noqa: E402
+from retrieval.index.common import CALIBRATION_KEY  # noqa: E402
 
 logger = logging.getLogger("bench.index")
 
@@ -120,8 +122,20 @@ def build(uri: str, tokens: np.ndarray, chunk: int = 2000) -> tuple[Any, float]:
     idx.activate(v.version)  # the handle is closed: flush + optimize (HNSW on pooled, int8)
     build_s = time.perf_counter() - t0
     if not uri.startswith("local"):
+        if CALIBRATE["on"]:  # what `cir index build` does: measure this version's fast L
+            t1 = time.perf_counter()
+            cal = calibrate_fast(idx)
+            idx.update_version_meta(str(idx.active_version), {CALIBRATION_KEY: cal})
+            CALIBRATE["last"] = {**cal, "calibrate_s": time.perf_counter() - t1}
         idx.close()
-        idx = open_index(uri, "bench", encoder_fingerprint="bench", read_only=True)
+        # the main rows use the fixed FAST_RECALL_TABLE; the "fast-cal" row the calibration
+        idx = open_index(
+            uri,
+            "bench",
+            encoder_fingerprint="bench",
+            read_only=True,
+            options={"fast_ignore_calibration": True},
+        )
     return idx, build_s
 
 
@@ -231,6 +245,36 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 SWEEP: dict[str, Any] = {"sizes": [], "ef": ["1"], "rows": [], "modes": ["exact", "fast"]}
+CALIBRATE: dict[str, Any] = {"on": True, "last": None}
+
+
+def _measure(
+    idx: Any,
+    qs: np.ndarray,
+    truth50: list[np.ndarray],
+    m_nq: int,
+    base: dict,
+    mode: str,
+    label_mode: str,
+    build_s: float,
+) -> dict:
+    """One row of the main table: ``m_nq`` queries at top 10 and top 50 in ``mode``."""
+    run_queries(idx, qs[:5], 10, mode)  # warm up (page cache, lazy structures)
+    got10, times = run_queries(idx, qs[:m_nq], 10, mode)
+    got50, _ = run_queries(idx, qs[:m_nq], 50, mode)
+    p50, p95 = pct(times)
+    row = dict(
+        base,
+        mode=label_mode,
+        build_s=build_s,
+        p50_ms=p50,
+        p95_ms=p95,
+        recall10=recall(got10, truth50[:m_nq], 10),
+        recall50=recall(got50, truth50[:m_nq], 50),
+        queries=m_nq,
+    )
+    logger.info("%s %s %s: %s", base["size"], base["backend"], label_mode, row)
+    return row
 
 
 def bench_size(tokens: np.ndarray, label: str, nq: int, local: bool, workdir: Path) -> list[dict]:
@@ -266,29 +310,21 @@ def bench_size(tokens: np.ndarray, label: str, nq: int, local: bool, workdir: Pa
         disk = du_mb(workdir / backend)
         modes = [m for m in SWEEP["modes"] if backend == "edge" or m == "exact"]
         m_nq = nq if backend == "edge" else min(nq, 20)  # local mode is a pure-Python scan
+        base = dict(size=label, n=n, backend=backend, rss_mb=rss1 - rss0, disk_mb=disk)
+
         for mode in modes:
-            run_queries(idx, qs[:5], 10, mode)  # warm up (page cache, lazy structures)
-            got10, times = run_queries(idx, qs[:m_nq], 10, mode)
-            got50, _ = run_queries(idx, qs[:m_nq], 50, mode)
-            p50, p95 = pct(times)
-            rows.append(
-                dict(
-                    size=label,
-                    n=n,
-                    backend=backend,
-                    mode=mode,
-                    build_s=build_s,
-                    p50_ms=p50,
-                    p95_ms=p95,
-                    recall10=recall(got10, truth50[:m_nq], 10),
-                    recall50=recall(got50, truth50[:m_nq], 50),
-                    rss_mb=rss1 - rss0,
-                    disk_mb=disk,
-                    queries=m_nq,
-                )
-            )
-            logger.info("%s %s %s: %s", label, backend, mode, rows[-1])
+            rows.append(_measure(idx, qs, truth50, m_nq, base, mode, mode, build_s))
         idx.close()
+        cal = CALIBRATE["last"] if backend == "edge" else None
+        if cal and cal.get("L") and "fast" in modes:
+            idx = open_index(uri, "bench", encoder_fingerprint="bench", read_only=True)
+            label_mode = f"fast-cal (L={cal['L']})"
+            build_cal = build_s + cal["calibrate_s"]
+            row = _measure(idx, qs, truth50, m_nq, base, "fast", label_mode, build_cal)
+            rows.append(dict(row, calibration=cal))
+            idx.close()
+        elif cal:
+            logger.info("%s: calibration found no L for the target: %s", label, cal["curve"])
         if backend == "edge" and SWEEP["sizes"]:
             SWEEP["rows"] += sweep(
                 uri, tokens, qs, truth50, label, np_p50, SWEEP["sizes"], SWEEP["ef"]
@@ -379,6 +415,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="encode at most this many images")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/cir-index-bench-features"))
     ap.add_argument("--modes", default="exact,fast", help="Edge modes of the main table")
+    ap.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="skip the per-version fast-L calibration and its `fast-cal` row",
+    )
     ap.add_argument("--sweep", help="fast prefetch sizes to sweep, e.g. L=500,1000,2000,4000")
     ap.add_argument(
         "--sweep-ef",
@@ -392,6 +433,7 @@ def main() -> None:
     SWEEP["sizes"] = parse_sweep(args.sweep)
     SWEEP["ef"] = [x.strip() for x in args.sweep_ef.split(",") if x.strip()]
     SWEEP["modes"] = [x.strip() for x in args.modes.split(",") if x.strip()]
+    CALIBRATE["on"] = not args.no_calibrate
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cir-index-bench-"))
     rows: list[dict] = []
     if args.features:

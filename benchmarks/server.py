@@ -1,12 +1,16 @@
 """Server benchmark: p50/p99 latency and QPS of `Search` at several concurrencies, with
-micro-batching on and off, over synthetic galleries of several sizes -- all in one run.
+micro-batching on and off, over galleries of several sizes -- all in one run.
 
-    python benchmarks/server.py --sizes 10000,100000 --concurrency 1,8,32 --duration 5 \
-        --json runs/bench_server.json
+    python benchmarks/server.py --gallery real --sizes 10000,100000 --concurrency 1,8,32 \
+        --duration 5 --json runs/bench_server.json
 
 Model: models/sprc-shapes when present, else the `sprc-small` preset with random weights (the
-same architecture and cost; the output says which). Galleries: clustered random unit token
-sets ``[N, Q, D]`` upserted into Edge indexes under ``--work-dir`` (kept between runs).
+same architecture and cost; the output says which). Galleries (Edge indexes under
+``--work-dir``, kept between runs): ``real`` (default with the demo model) renders N random
+scenes of the shapes world (seeded; 1-5 objects, any shape/colour/size/cell) and indexes the
+model's own target features, so the index sees the real feature distribution; queries are
+the reference images and captions of ``data/shapes/test.jsonl``. ``synthetic``: clustered
+random unit token sets ``[N, Q, D]`` and random query images.
 Each (gallery, batching) pair runs `cir serve` as a subprocess; the load generator is a
 grpc.aio client in this process (closed loop: each of C workers sends its next query when
 the previous one returns). Queries: a reference image (JPEG bytes, decoded and encoded on
@@ -28,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,32 +55,56 @@ def pick_model(arg: str | None) -> tuple[str, str]:
     return "sprc-small", "sprc-small preset with RANDOM weights (models/sprc-shapes not found)"
 
 
-def build_index(work: Path, n: int, encoder: Any, seed: int = 0) -> str:
-    """An Edge index of ``n`` clustered synthetic token sets (reused when already built)."""
+def _open_fresh(work: Path, name: str, n: int, encoder: Any) -> Any | None:
+    """None when ``name`` already holds ``n`` points for this encoder (reuse it); otherwise
+    clear it and return a new, empty index to fill."""
     from retrieval.index import open_index
 
-    name = f"bench{n}"
     uri = f"edge:{work}"
     idx = open_index(uri, name, encoder_fingerprint=encoder.fingerprint, preset=encoder.preset)
     try:
         if idx.active_version is not None and idx.count() == n:
             logger.info("reusing %s (%d points)", name, n)
-            return name
+            return None
     finally:
         idx.close()
     shutil.rmtree(work / name, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    q, d = encoder.num_queries, encoder.dim
-    centers = rng.standard_normal((256, d)).astype(np.float32)
-    t0 = time.perf_counter()
-    idx = open_index(
+    return open_index(
         uri,
         name,
         encoder_fingerprint=encoder.fingerprint,
         preset=encoder.preset,
         fields={"category": "keyword"},
     )
+
+
+def _build(work: Path, name: str, n: int, encoder: Any, fill: Callable[[Any], None]) -> str:
+    """Build (or reuse) the Edge index ``name`` of ``n`` points: ``fill(idx)`` upserts them;
+    then the fast-mode calibration, as `cir index build` does."""
+    t0 = time.perf_counter()
+    idx = _open_fresh(work, name, n, encoder)
+    if idx is None:
+        return name
     try:
+        fill(idx)
+        idx.flush()
+    finally:
+        idx.close()  # builds the HNSW / int8 indexes of the version
+    from indexer.pipeline import calibrate_index
+
+    cal = calibrate_index(f"edge:{work}", name)
+    logger.info("%s: fast L=%s, recall curve %s", name, cal["L"], cal["curve"])
+    logger.info("built %s: %d points in %.0fs", name, n, time.perf_counter() - t0)
+    return name
+
+
+def build_index(work: Path, n: int, encoder: Any, seed: int = 0) -> str:
+    """An Edge index of ``n`` clustered synthetic token sets (reused when already built)."""
+
+    def fill(idx: Any) -> None:
+        rng = np.random.default_rng(seed)
+        q, d = encoder.num_queries, encoder.dim
+        centers = rng.standard_normal((256, d)).astype(np.float32)
         chunk = 2000
         for s in range(0, n, chunk):
             m = min(chunk, n - s)
@@ -85,23 +114,89 @@ def build_index(work: Path, n: int, encoder: Any, seed: int = 0) -> str:
             ids = [f"s{n}-{i:07d}" for i in range(s, s + m)]
             payloads = [{"category": f"c{i % 10}"} for i in range(s, s + m)]
             idx.upsert(ids, toks, payloads)
-        idx.flush()
+
+    return _build(work, f"bench{n}", n, encoder, fill)
+
+
+def _render_chunk(job: tuple[int, int, int]) -> list[bytes]:
+    """PNG bytes of scenes [start, start + m) of the benchmark's random shapes gallery."""
+    from retrieval.data.shapes import (
+        COLOR_NAMES,
+        MAX_OBJECTS,
+        N_CELLS,
+        SHAPES,
+        SIZES,
+        Obj,
+        make_scene,
+        render_scene,
+    )
+
+    start, m, seed = job
+    out = []
+    for i in range(start, start + m):
+        rng = random.Random(f"{seed}-{i}")
+        cells = rng.sample(range(N_CELLS), rng.randint(1, MAX_OBJECTS))
+        scene = make_scene(
+            Obj(c, rng.choice(COLOR_NAMES), rng.choice(SHAPES), rng.choice(SIZES)) for c in cells
+        )
+        buf = io.BytesIO()
+        render_scene(scene, 64, (seed, 7, i)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def build_real_index(work: Path, n: int, encoder: Any, seed: int = 0) -> str:
+    """An Edge index of ``n`` random shapes-world scenes encoded by ``encoder`` (reused when
+    already built for this encoder)."""
+
+    def fill(idx: Any) -> None:
+        import multiprocessing as mp
+
+        from PIL import Image
+
+        chunk = 2000
+        jobs = [(s, min(chunk, n - s), seed) for s in range(0, n, chunk)]
+        with mp.get_context("fork").Pool(2) as pool:
+            for (s, m, _), pngs in zip(jobs, pool.imap(_render_chunk, jobs), strict=True):
+                images = [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
+                toks = encoder.encode_targets(images, batch_size=250)
+                ids = [f"r{n}-{i:07d}" for i in range(s, s + m)]
+                idx.upsert(ids, toks, [{"category": f"c{i % 10}"} for i in range(s, s + m)])
+
+    return _build(work, f"real{n}", n, encoder, fill)
+
+
+def _calibration_of(work: Path, name: str) -> dict[str, Any] | None:
+    from retrieval.index import open_index
+    from retrieval.index.common import CALIBRATION_KEY
+
+    idx = open_index(f"edge:{work}", name)
+    try:
+        cal = idx.meta.extra.get(CALIBRATION_KEY) if idx.meta else None
     finally:
-        idx.close()  # builds the HNSW / int8 indexes of the version
-    logger.info("built %s: %d points in %.0fs", name, n, time.perf_counter() - t0)
-    return name
+        idx.close()
+    return None if cal is None else {"L": cal.get("L"), "curve": cal.get("curve")}
 
 
-def query_images(encoder: Any, count: int = 32) -> list[bytes]:
+def query_images(encoder: Any, count: int = 32) -> list[tuple[bytes, str]]:
+    """Random query images (JPEG) with generic texts, for the synthetic galleries."""
     from server.testing import render_images
 
     out = []
     side = max(64, int(encoder.image_size))
-    for im in render_images(count, seed=123, size=(side + 32, side)):
+    for k, im in enumerate(render_images(count, seed=123, size=(side + 32, side))):
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=85)
-        out.append(buf.getvalue())
+        out.append((buf.getvalue(), TEXTS[k % len(TEXTS)]))
     return out
+
+
+def shapes_queries(data: Path, count: int = 64) -> list[tuple[bytes, str]]:
+    """(reference PNG bytes, caption) of the first ``count`` test triplets of a shapes world."""
+    from retrieval.data.triplets import load_triplets, resolve_path
+
+    rows = load_triplets(data, "test")[:count]
+    return [(resolve_path(data, t.reference).read_bytes(), t.caption) for t in rows]
 
 
 def free_port() -> int:
@@ -170,7 +265,12 @@ def stop_server(proc: Any) -> None:
 
 
 async def run_load(
-    port: int, images: list[bytes], concurrency: int, duration: float, warmup: float, top_k: int
+    port: int,
+    queries: list[tuple[bytes, str]],
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    top_k: int,
 ) -> dict[str, Any]:
     import grpc
 
@@ -198,9 +298,10 @@ async def run_load(
                 now = time.perf_counter()
                 if now >= t_end:
                     return
+                image, text = rnd.choice(queries)
                 req = pb.SearchRequest(
-                    reference_image=rnd.choice(images),
-                    text=rnd.choice(TEXTS),
+                    reference_image=image,
+                    text=text,
                     top_k=top_k,
                     include_payload=False,
                 )
@@ -243,6 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         "--dtypes", default="float32", help="server compute dtypes, e.g. float32,bfloat16"
     )
     p.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench-server")
+    p.add_argument(
+        "--gallery",
+        choices=("auto", "real", "synthetic"),
+        default="auto",
+        help="real: the model's features of random shapes scenes; synthetic: clustered random "
+        "tokens; auto: real with a trained model and a shapes world, else synthetic",
+    )
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "shapes", help="shapes world")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -258,18 +367,32 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     concs = [int(c) for c in args.concurrency.split(",") if c]
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    images = query_images(encoder)
+    gallery = args.gallery
+    if gallery == "auto":
+        trained = Path(model).is_dir() and (args.data / "test.jsonl").is_file()
+        gallery = "real" if trained else "synthetic"
+    if gallery == "real":
+        queries = shapes_queries(args.data)
+    else:
+        queries = query_images(encoder)
+    print(f"gallery: {gallery}; {len(queries)} distinct queries", flush=True)
     rows: list[dict[str, Any]] = []
+    calibrations: dict[int, Any] = {}
     for n in sizes:
-        name = build_index(args.work_dir, n, encoder)
+        if gallery == "real":
+            name = build_real_index(args.work_dir, n, encoder)
+        else:
+            name = build_index(args.work_dir, n, encoder)
+        calibrations[n] = _calibration_of(args.work_dir, name)
+        print(f"gallery {n:,}: fast-mode calibration {calibrations[n]}", flush=True)
         for dtype, batching in [(d, b) for d in args.dtypes.split(",") for b in (True, False)]:
             proc, port = start_server(model, args.work_dir, name, batching, args, dtype)
             try:
                 for c in concs:
                     r = asyncio.run(
-                        run_load(port, images, c, args.duration, args.warmup, args.top_k)
+                        run_load(port, queries, c, args.duration, args.warmup, args.top_k)
                     )
-                    r.update(gallery=n, batching=batching, concurrency=c, dtype=dtype)
+                    r.update(gallery=n, kind=gallery, batching=batching, concurrency=c, dtype=dtype)
                     rows.append(r)
                     print(
                         f"gallery={n:>7} {dtype} batching={'on ' if batching else 'off'} c={c:>3}  "
@@ -307,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "model": model_note,
+            "gallery": gallery,
+            "calibration": {str(k): v for k, v in calibrations.items()},
             "fingerprint": encoder.fingerprint,
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

@@ -73,6 +73,11 @@ def register(app: typer.Typer) -> None:
         ),
         verify: bool = typer.Option(True, "--verify/--no-verify", help="verify before activating"),
         verify_sample: int = typer.Option(32, "--verify-sample", min=0, help="self-query sample"),
+        calibrate: bool = typer.Option(
+            True,
+            "--calibrate/--no-calibrate",
+            help="measure the version's fast-mode prefetch size L (galleries of 5,000+ images)",
+        ),
         limit: int | None = typer.Option(None, "--limit", min=0, help="first N items only"),
         fresh: bool = typer.Option(False, "--fresh", help="never resume an unfinished version"),
         build_id: str | None = typer.Option(
@@ -110,6 +115,7 @@ def register(app: typer.Typer) -> None:
                 activate=activate,
                 verify=verify,
                 verify_sample=verify_sample,
+                calibrate=calibrate,
                 limit=limit,
                 fresh=fresh,
                 build_id=build_id,
@@ -201,6 +207,26 @@ def register(app: typer.Typer) -> None:
         typer.echo(json.dumps(res, indent=1, default=str))
         if not res["ok"]:
             raise typer.Exit(code=1)
+
+    @grp.command("calibrate")
+    def calibrate_cmd(
+        index: str = _INDEX_OPT,
+        name: str = _NAME_OPT,
+        version: str | None = typer.Option(None, "--version", help="default: the active one"),
+        recall: float = typer.Option(
+            0.99, "--recall", min=0.5, max=0.9999, help="recall@10 target of `fast`"
+        ),
+    ) -> None:
+        """Measure a version's fast-mode prefetch size L on its own vectors and record it in
+        the version's metadata (servers pick it up on their next version refresh)."""
+        from indexer.pipeline import calibrate_index
+
+        try:
+            res = calibrate_index(index, name, version, recall)
+        except _known_errors() as exc:
+            _fail(exc)
+            return
+        typer.echo(json.dumps(res, indent=1, default=str))
 
     @grp.command("activate")
     def activate_cmd(

@@ -74,6 +74,8 @@ class BuildConfig:
     activate: bool = True  # activate the new version once verified (never for n > 1 shards)
     verify: bool = True  # run the verification (count + self-retrieval sample)
     verify_sample: int = 32  # images queried by their own tokens during verification
+    calibrate: bool = True  # measure this version's fast-mode L (retrieval.index.calibrate)
+    calibrate_min_points: int = 5000  # smaller galleries search `exact` anyway: skip
     limit: int | None = None  # only the first N items (after sharding); for trials
     fresh: bool = False  # never resume: always start a new version
     build_id: str | None = None  # resume key override (several machines with different mounts)
@@ -390,6 +392,10 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
             finally:
                 check.close()
             stages["verify"] = time.perf_counter() - t0
+            if cfg.calibrate and whole and report.count >= cfg.calibrate_min_points:
+                t0 = time.perf_counter()
+                report.calibration = calibrate_version(idx, version)
+                stages["calibrate"] = time.perf_counter() - t0
             if shard_n > 1:
                 if cfg.activate:
                     report.warnings.append(
@@ -649,6 +655,49 @@ def _apply_updates(view: IndexView, updates: list[tuple[str, Any]], report: Repo
 
 
 # --------------------------------------------------------------------------- admin helpers
+def calibrate_version(idx: Any, version: str, recall_target: float = 0.99) -> dict[str, Any]:
+    """Measure ``version``'s fast-mode L and record it in its metadata (see
+    retrieval.index.calibrate); later searches of that version use it."""
+    from retrieval.index.calibrate import META_KEY, calibrate_fast
+
+    if version == idx.active_version:
+        res = calibrate_fast(idx, recall_target)
+    else:
+        view = open_version(idx, version)
+        try:
+            res = calibrate_fast(view, recall_target)
+        finally:
+            view.close()
+    idx.update_version_meta(version, {META_KEY: res})
+    return res
+
+
+def _version_or_active(idx: Any, version: str | None, uri: str, name: str) -> str:
+    target = version or idx.active_version
+    if target is None:
+        raise IndexerError(f"index {name!r} at {uri} has no active version")
+    return str(target)
+
+
+def calibrate_index(
+    uri: str, name: str, version: str | None = None, recall_target: float = 0.99
+) -> dict[str, Any]:
+    """``calibrate_version`` by URI (default: the active version)."""
+    from retrieval.index import open_index
+
+    idx = open_index(uri, name, options=VERIFY_OPTIONS)
+    try:
+        target = _version_or_active(idx, version, uri, name)
+        try:
+            res = calibrate_version(idx, target, recall_target)
+        except ValueError as exc:  # an empty version
+            raise IndexerError(f"cannot calibrate {name} {target}: {exc}") from exc
+        res["version"] = target
+        return res
+    finally:
+        idx.close()
+
+
 def verify_version(
     uri: str, name: str, version: str | None, sample: int = 32, expect: int | None = None
 ) -> dict[str, Any]:
@@ -657,9 +706,7 @@ def verify_version(
 
     idx = open_index(uri, name, options=VERIFY_OPTIONS)
     try:
-        target = version or idx.active_version
-        if target is None:
-            raise IndexerError(f"index {name!r} at {uri} has no active version")
+        target = _version_or_active(idx, version, uri, name)
         if target == idx.active_version:
             view: Any = idx
             ids = [r.id for _, r in zip(range(sample * 50), scroll(idx), strict=False)]

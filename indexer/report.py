@@ -39,6 +39,7 @@ class Report:
     count: int | None = None  # points in the version at the end
     verified: bool | None = None  # None: not verified (sharded / --no-verify)
     verification: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None  # fast-mode L measured on this version
     activated: bool = False
     seconds: float = 0.0  # wall time of the run (model load included)
     images_per_s: float = 0.0  # items processed (indexed + present + duplicates) / pipeline time
@@ -93,6 +94,7 @@ def render_summary(report: Report) -> None:
     rows += [
         ("points in version", report.count),
         ("verified", report.verified),
+        ("fast L (calibrated)", _calibration_summary(report.calibration)),
         ("activated", report.activated),
         ("seconds", f"{report.seconds:.2f}"),
         ("images/s", f"{report.images_per_s:.1f}"),
@@ -105,3 +107,12 @@ def render_summary(report: Report) -> None:
         console.print(f"  skipped {s['path']}: {s['reason']} {s.get('detail', '')}"[:200])
     if len(report.skipped) > 20:
         console.print(f"  ... {len(report.skipped) - 20} more in the report")
+
+
+def _calibration_summary(cal: dict[str, Any] | None) -> str:
+    if not cal:
+        return "-"
+    curve = cal.get("curve", {})
+    at = curve.get(str(cal.get("L")))
+    got = f" (recall@{cal.get('top_k')} {at:.3f})" if at is not None else ""
+    return f"{cal.get('L')} for >= {cal.get('recall_target')}{got}"

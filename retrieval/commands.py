@@ -41,6 +41,21 @@ def train_cmd(
     train_vit: bool = typer.Option(
         False, "--train-vit/--freeze-vit", help="Train the ViT (SPRC freezes it)."
     ),
+    group_by_reference: bool = typer.Option(
+        False,
+        "--group-by-reference/--no-group-by-reference",
+        help="Keep a reference's triplets in one batch (its other edits are hard negatives).",
+    ),
+    reference_negatives: bool = typer.Option(
+        False,
+        "--reference-negatives/--no-reference-negatives",
+        help="Use the reference images as extra negatives (the unedited scene).",
+    ),
+    caption_loss: float = typer.Option(
+        0.0,
+        help="Weight of the BLIP-2 stage-1 image-caption ITC on whole-scene captions "
+        "(shapes worlds only; 0 = SPRC losses only).",
+    ),
     grad_clip: float = typer.Option(1.0, help="Max grad norm (0 disables)."),
     save_every: int = typer.Option(200, help="Checkpoint every N steps."),
     val_limit: int = typer.Option(500, help="Val triplets per epoch validation (0 = all)."),
@@ -78,6 +93,9 @@ def train_cmd(
         warmup=warmup,
         loss_weights=w,
         train_vit=train_vit,  # type: ignore[arg-type]
+        group_by_reference=group_by_reference,
+        reference_negatives=reference_negatives,
+        caption_loss=caption_loss,
         grad_clip=grad_clip,
         save_every=save_every,
         val_limit=val_limit,

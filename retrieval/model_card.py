@@ -32,6 +32,24 @@ def _pct(r: dict[str, float]) -> str:
     return " | ".join(f"{100 * r[k]:.1f}" for k in ("1", "5", "10", "50"))
 
 
+def _recipe(cfg: dict[str, Any]) -> str:
+    parts = ["in-batch targets (SPRC)"]
+    if cfg.get("reference_negatives"):
+        parts.append("every reference image as an extra negative")
+    if cfg.get("group_by_reference"):
+        parts.append("batches that keep a reference's edits together")
+    text = ", ".join(parts)
+    w = float(cfg.get("caption_loss", 0.0) or 0.0)
+    if w > 0:
+        text += (
+            f"; BLIP-2 stage-1 image-caption ITC on whole-scene captions (weight {w:g}, "
+            "`--caption-loss`)"
+        )
+    else:
+        text += "; no auxiliary loss"
+    return text
+
+
 def render_markdown(card: dict[str, Any]) -> str:
     ev = card["eval"]
     rows = []
@@ -79,6 +97,8 @@ which runs:
   {tr["config"]["warmup"]} then cosine, loss weights itc/rtc/align {tr["config"]["loss_weights"]}, ViT trained
   ({tr["config"]["train_vit"]}), seed {tr["config"]["seed"]}; stopped: {tr["stopped"]}; {tr["seconds"] / 60:.1f} minutes on
   {card["machine"]}.
+- Negatives and auxiliary loss: {_recipe(tr["config"])}.
+- Architecture: {card.get("architecture", "")}.
 
 ## Recall@K (%) over the whole gallery, reference excluded
 
@@ -120,6 +140,7 @@ def build_card(
     meta = load_meta(data)
     train_cfg = json.loads((run / "train_config.json").read_text())
     summary = json.loads((run / "train_summary.json").read_text())
+    c = enc.model.config
     out.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME):
         shutil.copy2(model_dir / name, out / name)
@@ -130,7 +151,14 @@ def build_card(
         "parameters": sum(p.numel() for p in enc.model.parameters()),
         "command": command,
         "commands": commands,
-        "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores, torch threads 1",
+        "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores, "
+        f"torch threads {train_cfg.get('num_threads') or 'default'}",
+        "architecture": (
+            f"{c.image_size} px input, {c.patch_size} px patches ({c.num_image_tokens - 1} "
+            f"patches + [CLS]), ViT {c.vision_hidden_size}x{c.vision_num_layers}, Q-Former "
+            f"{c.qformer_hidden_size}x{c.qformer_num_layers}, {c.num_query_tokens} queries x "
+            f"{c.embed_dim}-d"
+        ),
         "data": {
             "seed": meta.get("seed"),
             "generator": meta.get("generator"),

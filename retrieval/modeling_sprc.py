@@ -70,6 +70,7 @@ class SPRCLosses:
     loss_rtc: torch.Tensor  # prompt_tokens text-only -> target contrastive
     loss_align: torch.Tensor  # MSE(mean fusion prompt, mean prompt_tokens.detach())
     logits: torch.Tensor  # [B, B] max-sim / temp of composed queries vs in-batch targets
+    loss_caption: torch.Tensor | None = None  # image-caption ITC (BLIP-2 stage 1), if asked
 
 
 class SPRCModel(nn.Module):
@@ -244,13 +245,23 @@ class SPRCModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         weights: tuple[float, float, float] = (1.0, 0.4, 0.4),
+        reference_negatives: bool = False,
+        captions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        caption_weight: float = 0.0,
     ) -> SPRCLosses:
         """SPRC training losses for a batch of triplets (in-batch targets are the negatives).
 
         ``weights`` = (itc, rtc, align): CIRR uses (1, 0.4, 0.4), FashionIQ (1, 1, 1).
+        ``reference_negatives`` adds every reference image, encoded as a target, to the
+        negatives: the unedited scene is the hardest wrong answer, and ranking it below the
+        target is what forces the caption to be applied. ``logits`` is then [B, 2B].
         """
         ref = self.image_features(reference_pixels)
         tgt = self.target_features(self.image_features(target_pixels))  # [B, Q, D]
+        if reference_negatives or captions is not None:
+            both = torch.cat([tgt, self.target_features(ref)], dim=0)  # [2B, Q, D]
+            if reference_negatives:
+                tgt = both
         labels = torch.arange(ref.shape[0], device=ref.device)
 
         prompt = self.sentence_prompt(ref, input_ids, attention_mask)
@@ -267,4 +278,18 @@ class SPRCModel(nn.Module):
 
         w_itc, w_rtc, w_align = weights
         loss = w_itc * loss_itc + w_rtc * loss_rtc + w_align * loss_align
-        return SPRCLosses(loss, loss_itc, loss_rtc, loss_align, logits)
+        loss_caption = None
+        if captions is not None:
+            cap_ids, cap_mask, positives = captions
+            sim = self.max_sim(self.text_features(cap_ids, cap_mask), both) / self.temp
+            loss_caption = 0.5 * (
+                _multi_positive_ce(sim, positives) + _multi_positive_ce(sim.t(), positives.t())
+            )
+            loss = loss + caption_weight * loss_caption
+        return SPRCLosses(loss, loss_itc, loss_rtc, loss_align, logits, loss_caption)
+
+
+def _multi_positive_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy where row i may have several correct columns (``positives[i]``)."""
+    pos = logits.masked_fill(~positives, float("-inf")).logsumexp(dim=1)
+    return (logits.logsumexp(dim=1) - pos).mean()

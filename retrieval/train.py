@@ -51,6 +51,11 @@ class TrainConfig:
     warmup: float = 0.05  # fraction of steps with linear warmup, then cosine decay to 0
     loss_weights: tuple[float, float, float] = (1.0, 0.4, 0.4)  # itc, rtc, align (CIRR)
     train_vit: bool = False  # SPRC freezes the ViT; a from-scratch small model must train it
+    group_by_reference: bool = False  # batches keep a reference's triplets together: its other
+    # edits become in-batch hard negatives (same scene, different caption); SPRC shuffles
+    reference_negatives: bool = False  # references (encoded as targets) as extra negatives
+    caption_loss: float = 0.0  # weight of BLIP-2 stage-1 image-caption ITC on whole-scene
+    # captions (shapes worlds: from the scene signatures); 0 = SPRC losses only
     grad_clip: float = 1.0  # max global grad norm (0 disables)
     save_every: int = 200  # checkpoint every N steps (and at the end / on the time budget)
     log_every: int = 10  # metrics.jsonl every N steps
@@ -89,6 +94,24 @@ class ImageBank:
     def batch(self, paths: list[str]) -> torch.Tensor:
         idx = torch.tensor([self.index[p] for p in paths])
         return (self.data[idx].float() / 255.0 - self.mean) / self.std
+
+
+def scene_captions(triplets: list[Any]) -> dict[str, str]:
+    """Whole-image captions for every reference and target, from the scene signatures that
+    the shapes generator records in each triplet's ``extra``."""
+    from retrieval.data.shapes import describe_scene, parse_signature
+
+    out: dict[str, str] = {}
+    for t in triplets:
+        for path, key in ((t.reference, "reference_signature"), (t.target, "target_signature")):
+            sig = (t.extra or {}).get(key)
+            if sig is None:
+                raise ValueError(
+                    f"--caption-loss needs scene signatures in the triplets' extra ({key}); "
+                    f"{path} has none (only shapes worlds carry them)"
+                )
+            out[path] = describe_scene(parse_signature(sig))
+    return out
 
 
 def lr_lambda(step: int, total: int, warmup: float) -> float:
@@ -152,6 +175,15 @@ class Trainer:
         if len(triplets) < cfg.batch_size:
             raise ValueError(f"{len(triplets)} train triplets < batch size {cfg.batch_size}")
         self.triplets = triplets
+        # Reference groups in first-appearance order (deterministic; used by batch_at).
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(triplets):
+            groups.setdefault(t.reference, []).append(i)
+        self.groups = list(groups.values())
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, triplet order) cache
+        self.scene_captions: dict[str, str] = {}
+        if cfg.caption_loss > 0:
+            self.scene_captions = scene_captions(triplets)
         pre = ImagePreprocessor.from_config(self.config)
         paths = sorted({t.reference for t in triplets} | {t.target for t in triplets if t.target})
         self.bank = ImageBank(data_dir, paths, pre)
@@ -220,9 +252,16 @@ class Trainer:
     def batch_at(self, step: int) -> list[Any]:
         """Deterministic batch for a global step: epoch permutation seeded by (seed, epoch)."""
         epoch, b = divmod(step, self.steps_per_epoch)
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.triplets))
+        if self._order[0] != epoch:
+            rng = np.random.default_rng([self.cfg.seed, epoch])
+            if self.cfg.group_by_reference:
+                perm = rng.permutation(len(self.groups))
+                self._order = (epoch, [i for g in perm for i in self.groups[g]])
+            else:
+                self._order = (epoch, rng.permutation(len(self.triplets)).tolist())
+        order = self._order[1]
         bs = self.cfg.batch_size
-        return [self.triplets[i] for i in perm[b * bs : (b + 1) * bs]]
+        return [self.triplets[i] for i in order[b * bs : (b + 1) * bs]]
 
     def train_step(self, batch: list[Any]) -> dict[str, float]:
         self.model.train()
@@ -231,9 +270,22 @@ class Trainer:
         ref = self.bank.batch([t.reference for t in batch]).to(self.device)
         tgt = self.bank.batch([t.target for t in batch]).to(self.device)
         tok = self.tokenizer([t.caption for t in batch], device=self.device)
+        captions = None
+        if self.cfg.caption_loss > 0:
+            paths = [t.target for t in batch] + [t.reference for t in batch]
+            ctok = self.tokenizer([self.scene_captions[p] for p in paths], device=self.device)
+            pos = torch.tensor([[a == b for b in paths] for a in paths], device=self.device)
+            captions = (ctok.input_ids, ctok.attention_mask, pos)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.model(
-                ref, tgt, tok.input_ids, tok.attention_mask, weights=self.cfg.loss_weights
+                ref,
+                tgt,
+                tok.input_ids,
+                tok.attention_mask,
+                weights=self.cfg.loss_weights,
+                reference_negatives=self.cfg.reference_negatives,
+                captions=captions,
+                caption_weight=self.cfg.caption_loss,
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -245,7 +297,9 @@ class Trainer:
         self.scheduler.step()
         with torch.no_grad():
             self.model.temp.clamp_(0.001, 0.5)
+        extra = {} if out.loss_caption is None else {"loss_caption": out.loss_caption.item()}
         return {
+            **extra,
             "loss": out.loss.item(),
             "loss_itc": out.loss_itc.item(),
             "loss_rtc": out.loss_rtc.item(),

@@ -734,3 +734,68 @@ def test_qdrant_settings_from_environment(monkeypatch):
         assert (idx._shard_number, idx._replication_factor) == (3, 2)
     with open_index("local::memory:", "g", shard_number=5) as idx:
         assert idx._shard_number == 5  # an explicit argument wins
+
+
+def test_fast_plan_uses_a_versions_calibration():
+    from retrieval.index.common import FAST_RECALL_TABLE, auto_mode, fast_plan
+
+    cal = {"L": 500, "recall_target": 0.99}
+    table_l = FAST_RECALL_TABLE[-1][1]
+    assert fast_plan(10, 0, {}, 100_000, cal)[0] == 500
+    assert fast_plan(10, 0, {"fast_recall": 0.95}, 100_000, cal)[0] == 500  # a lower target
+    assert fast_plan(10, 0, {"fast_recall": 0.999}, 100_000, cal)[0] >= table_l  # a higher one
+    assert fast_plan(10, 0, {"fast_min_candidates": 77}, 100_000, cal)[0] == 80  # 8 x top_k
+    assert fast_plan(10, 0, {"fast_ignore_calibration": True}, 100_000, cal)[0] == table_l
+    assert fast_plan(10, 0, {}, 100_000, {"L": None, "recall_target": 0.99})[0] == table_l
+    assert fast_plan(100, 0, {}, 100_000, cal)[0] == 800  # deep pages still get 8 x top_k
+    # a calibrated small L makes `auto` use `fast` where the table's 8000 would not pay off
+    assert auto_mode(10, 0, 30_000, {}) == "exact"
+    assert auto_mode(10, 0, 30_000, {}, cal) == "fast"
+
+
+def test_choose_l_keeps_a_margin():
+    from retrieval.index.calibrate import choose_l
+
+    curve = {100: 0.9, 250: 0.991, 500: 0.996, 1000: 1.0}
+    assert choose_l(curve, 0.99) == 500  # 0.991 < 0.995 (target + half the remaining error)
+    assert choose_l(curve, 0.8) == 100
+    assert choose_l({100: 0.5}, 0.99) is None
+
+
+def test_calibration_measures_this_index_and_is_recorded(backend, tmp_path):
+    from indexer.pipeline import calibrate_index
+    from retrieval.index.calibrate import measure_fast_recall
+    from retrieval.index.common import CALIBRATION_KEY
+
+    n, q, d = 1200, 8, 16
+    rng = np.random.default_rng(5)
+    # "hard": tokens spread far from their mean; "easy": every token of an image identical
+    # (pooled == MaxSim ranking, so a first stage of top_k already holds the exact top_k)
+    hard = rng.standard_normal((n, q, d)).astype(np.float32)
+    easy = np.repeat(rng.standard_normal((n, 1, d)).astype(np.float32), q, axis=1)
+    ids = [f"p{i}" for i in range(n)]
+    curves = {}
+    for name, toks in (("hard", hard), ("easy", easy)):
+        uri = f"{backend}:{tmp_path / name}"
+        idx = open_index(uri, "g", encoder_fingerprint="e", preset="t")
+        idx.upsert(ids, toks)
+        idx.flush()
+        res = measure_fast_recall(idx, queries=40, ladder=(100, 250, 500, 1000))
+        idx.close()
+        curve = res["curve"]
+        assert res["n"] == n and res["queries"] == 40 and res["top_k"] == 10
+        assert list(curve) == [100, 250, 500, 1000]
+        vals = list(curve.values())
+        assert all(0.0 <= v <= 1.0 for v in vals) and vals == sorted(vals)
+        curves[name] = curve
+        # Recorded in the active version's metadata, read back by a new opener.
+        rec = calibrate_index(uri, "g", recall_target=0.9)
+        idx = open_index(uri, "g", read_only=True)
+        try:
+            stored = idx.meta.extra[CALIBRATION_KEY]
+        finally:
+            idx.close()
+        assert stored["L"] == rec["L"] and stored["recall_target"] == 0.9
+    assert curves["easy"][100] == 1.0
+    assert curves["hard"][100] < 0.9  # random tokens: the mean is a poor proxy for the max
+    assert curves["hard"][1000] > curves["hard"][100]

@@ -81,10 +81,18 @@ def test_folder_input_payload_and_info(tmp_path: Path, enc: Any) -> None:
     paths = write_images(src, 12, sub=3)
     (src / "d0" / "zcopy.png").write_bytes(paths[0].read_bytes())  # duplicate content
     (src / "README.txt").write_text("not an image")
-    rep = build(cfg(src, tmp_path / "ix", workers=1), encoder=enc)
+    rep = build(cfg(src, tmp_path / "ix", workers=1, calibrate_min_points=1), encoder=enc)
     assert (rep.indexed, rep.duplicates, rep.skipped, rep.ignored_files) == (12, 1, [], 1)
     assert rep.verified and rep.activated and rep.count == 12
     assert set(rep.stage_seconds) >= {"read", "encode", "write", "decode_wait", "verify"}
+    # fast-mode calibration ran on the new version and is recorded in its metadata
+    assert rep.calibration is not None and rep.calibration["n"] == 12
+    assert rep.calibration["L"] is None  # every ladder L >= 12 points: `fast` is `exact` here
+    idx = open_g(tmp_path / "ix")
+    try:
+        assert idx.meta.extra["fast_calibration"]["n"] == 12
+    finally:
+        idx.close()
     recs = all_records(tmp_path / "ix")
     assert set(recs) == ids_of(paths)
     p = recs[next(iter(ids_of(paths[:1])))]
@@ -115,6 +123,16 @@ def test_folder_input_payload_and_info(tmp_path: Path, enc: Any) -> None:
     info = json.loads(res.stdout)
     assert info["count"] == 12 and info["active_version"] == rep.version
     assert info["encoder_fingerprint"] == enc.fingerprint
+    res = CliRunner().invoke(
+        app, ["index", "calibrate", "--index", f"edge:{tmp_path / 'ix'}", "--name", "g"]
+    )
+    assert res.exit_code == 0, res.output
+    cal = json.loads(res.stdout)
+    assert cal["version"] == rep.version and cal["recall_target"] == 0.99 and cal["n"] == 12
+    res = CliRunner().invoke(
+        app, ["index", "calibrate", "--index", f"edge:{tmp_path / 'none'}", "--name", "g"]
+    )
+    assert res.exit_code != 0 and "no active version" in res.output
 
 
 def test_manifest_inputs_jsonl_csv_parquet(tmp_path: Path, enc: Any) -> None:

@@ -135,3 +135,89 @@ def test_resume_continues_same_loss_curve(world: Path, tmp_path: Path) -> None:
     ea = Encoder.from_pretrained(straight / "model")
     eb = Encoder.from_pretrained(resumed / "model")
     assert ea.fingerprint == eb.fingerprint
+
+
+def test_batches_keep_reference_groups_and_cover_the_epoch(world: Path, tmp_path: Path) -> None:
+    tr = Trainer(_cfg(world, tmp_path / "g", max_steps=1, group_by_reference=True))
+    seen: list[int] = []
+    pos = {id(t): i for i, t in enumerate(tr.triplets)}
+    for step in range(tr.steps_per_epoch):
+        seen += [pos[id(t)] for t in tr.batch_at(step)]
+    # One epoch: every triplet at most once, all but the last partial batch covered.
+    assert len(seen) == len(set(seen)) == tr.steps_per_epoch * tr.cfg.batch_size
+    # A reference's triplets are adjacent in the epoch order (hard negatives for each other).
+    refs = [tr.triplets[i].reference for i in seen]
+    runs = [r for k, r in enumerate(refs) if k == 0 or refs[k - 1] != r]
+    assert len(runs) == len(set(runs)), "a reference group was split apart"
+    assert max(len(g) for g in tr.groups) > 1  # the world does have multi-edit references
+    # Another epoch is another order; a plain shuffle scatters the groups.
+    assert [id(t) for t in tr.batch_at(tr.steps_per_epoch)] != [id(t) for t in tr.batch_at(0)]
+    flat = Trainer(_cfg(world, tmp_path / "f", max_steps=1))  # SPRC's plain shuffle
+    refs = [t.reference for s in range(flat.steps_per_epoch) for t in flat.batch_at(s)]
+    runs = [r for k, r in enumerate(refs) if k == 0 or refs[k - 1] != r]
+    assert len(runs) > len(set(runs))
+
+
+def test_reference_negatives_and_caption_loss_shapes() -> None:
+    from retrieval.config import get_config
+    from retrieval.encoder import build_model
+    from retrieval.modeling_sprc import _multi_positive_ce
+
+    model = build_model(get_config("tiny"), seed=0)
+    b, s = 3, model.config.image_size
+    ref, tgt = torch.randn(b, 3, s, s), torch.randn(b, 3, s, s)
+    ids = torch.randint(5, 100, (b, 7))
+    mask = torch.ones_like(ids)
+    plain = model(ref, tgt, ids, mask)
+    assert plain.logits.shape == (b, b) and plain.loss_caption is None
+    out = model(ref, tgt, ids, mask, reference_negatives=True)
+    assert out.logits.shape == (b, 2 * b)
+    # Column b + i is reference i encoded as a target: the same as encoding it directly.
+    with torch.no_grad():
+        direct = model.target_features(model.image_features(ref))
+        q = model.composed_query(model.image_features(ref), ids, mask)
+    torch.testing.assert_close(
+        out.logits[:, b:].detach(), model.max_sim(q, direct) / model.temp.detach()
+    )
+    cap = torch.randint(5, 100, (2 * b, 9))
+    pos = torch.eye(2 * b, dtype=torch.bool)
+    pos[b, b + 1] = pos[b + 1, b] = True  # two references that are the same image
+    with_cap = model(
+        ref, tgt, ids, mask, captions=(cap, torch.ones_like(cap), pos), caption_weight=0.5
+    )
+    assert with_cap.loss_caption is not None and with_cap.loss_caption.item() > 0
+    assert with_cap.logits.shape == (b, b)  # captions alone do not add query negatives
+    torch.testing.assert_close(
+        with_cap.loss.detach(), (plain.loss + 0.5 * with_cap.loss_caption).detach()
+    )
+    # Several positives: loss = logsumexp(all) - logsumexp(positives).
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    positives = torch.tensor([[True, True, False]])
+    want = torch.logsumexp(logits[0], 0) - torch.logsumexp(logits[0, :2], 0)
+    torch.testing.assert_close(_multi_positive_ce(logits, positives), want)
+
+
+def test_caption_loss_training_uses_scene_captions(world: Path, tmp_path: Path) -> None:
+    from retrieval.data.shapes import describe_scene, parse_signature
+    from retrieval.train import scene_captions
+
+    scene = parse_signature("4:red-circle-L|0:blue-square-S")
+    assert describe_scene(scene) == "small blue square top left, big red circle centre"
+    assert describe_scene(()) == "an empty picture"
+    tr = Trainer(_cfg(world, tmp_path / "c", max_steps=4, caption_loss=1.0, save_every=0))
+    t = tr.triplets[0]
+    assert tr.scene_captions[t.target] == describe_scene(
+        parse_signature(t.extra["target_signature"])
+    )
+    tr.fit(resume=False)
+    rows = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss_caption"]) and r["loss_caption"] > 0 for r in rows)
+    bare = [dataclasses_replace(t, extra={})]
+    with pytest.raises(ValueError, match="scene signatures"):
+        scene_captions(bare)
+
+
+def dataclasses_replace(obj: object, **kw: object) -> object:
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)  # type: ignore[type-var]

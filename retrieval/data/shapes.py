@@ -612,6 +612,18 @@ def _distractor(rng: random.Random, scene: Scene) -> Scene | None:
     return make_scene([o for o in scene if o is not obj] + [new])
 
 
+def describe_scene(scene: Scene) -> str:
+    """A canonical caption of a whole scene, objects in cell order, e.g. ``"big red circle
+    top left, small blue square centre"`` (the image-text pairs of BLIP-2's stage-1 ITC)."""
+    if not scene:
+        return "an empty picture"
+    return ", ".join(
+        f"{SIZE_WORDS[o.size][0]} {COLOR_WORDS[o.color][0]} {SHAPE_WORDS[o.shape][0]} "
+        f"{CELL_WORDS[o.cell][0]}"
+        for o in scene
+    )
+
+
 # ----------------------------------------------------------------------------- rendering
 
 

@@ -256,6 +256,8 @@ FAST_RECALL_TABLE: tuple[tuple[float, int], ...] = (
     (0.99, 8000),  # 100k: 0.9935 (30k: 0.998, 10k: 1.0)
 )
 DEFAULT_FAST_RECALL = 0.99
+#: ``VersionMeta.extra`` key of a version's own fast-L calibration (retrieval.index.calibrate).
+CALIBRATION_KEY = "fast_calibration"
 #: ``fast_exact_prefetch="auto"``: scan `pooled` exactly instead of walking HNSW when
 #: L x EXACT_PREFETCH_RATIO >= points. With ef >= L the walk visits on the order of ef x m
 #: nodes, so for a large L it costs more than the scan and loses some recall too: measured
@@ -266,22 +268,35 @@ EXACT_PREFETCH_RATIO = 64
 
 
 def fast_plan(
-    top_k: int, offset: int, options: Mapping[str, Any], n: int | None = None
+    top_k: int,
+    offset: int,
+    options: Mapping[str, Any],
+    n: int | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> tuple[int, int, bool]:
     """``(L, hnsw_ef, exact_prefetch)`` for a ``fast`` query over ``n`` points.
 
-    L (prefetched candidates): ``fast_min_candidates`` when given, otherwise the row of
-    :data:`FAST_RECALL_TABLE` for ``fast_recall`` (default 0.99); in both cases at least
+    L (prefetched candidates): ``fast_min_candidates`` when given; else the version's own
+    ``calibration`` (``extra["fast_calibration"]``, see :mod:`retrieval.index.calibrate`) when
+    it found an L for a recall target at least ``fast_recall`` (default 0.99); else the row of
+    :data:`FAST_RECALL_TABLE` for ``fast_recall``; in every case at least
     ``fast_factor`` (default 8) x ``offset + top_k``, so deeper pages get more candidates.
     hnsw_ef: ``fast_hnsw_ef`` when given, otherwise ``fast_ef_factor`` (default 1.0) x L and
     never below L (HNSW returns at most ef points: ef < L silently shrinks the candidate list).
     exact_prefetch: ``fast_exact_prefetch`` True/False, or ``"auto"`` (default): exact when
     ``L x fast_exact_prefetch_ratio`` (default :data:`EXACT_PREFETCH_RATIO`) >= ``n``.
     """
+    target = float(options.get("fast_recall", DEFAULT_FAST_RECALL))
     if "fast_min_candidates" in options:
         base = int(options["fast_min_candidates"])
+    elif (
+        calibration
+        and calibration.get("L")
+        and target <= float(calibration.get("recall_target", 0.0))
+        and not options.get("fast_ignore_calibration", False)
+    ):
+        base = int(calibration["L"])
     else:
-        target = float(options.get("fast_recall", DEFAULT_FAST_RECALL))
         base = FAST_RECALL_TABLE[-1][1]
         for rec, cand in FAST_RECALL_TABLE:
             if target <= rec:
@@ -306,7 +321,13 @@ def fast_plan(
 AUTO_FAST_MAX_SHARE = 0.25
 
 
-def auto_mode(top_k: int, offset: int, n: int, options: Mapping[str, Any]) -> str:
+def auto_mode(
+    top_k: int,
+    offset: int,
+    n: int,
+    options: Mapping[str, Any],
+    calibration: Mapping[str, Any] | None = None,
+) -> str:
     """``exact`` or ``fast`` for ``mode="auto"`` over ``n`` points: ``fast`` from
     ``auto_fast_min_points`` (20,000) points on, and only when its L is below
     ``auto_fast_max_share`` (0.25) of ``n``."""
@@ -314,7 +335,7 @@ def auto_mode(top_k: int, offset: int, n: int, options: Mapping[str, Any]) -> st
 
     if n < int(options.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS)):
         return "exact"
-    limit_l = fast_plan(top_k, offset, options, n)[0]
+    limit_l = fast_plan(top_k, offset, options, n, calibration)[0]
     share = float(options.get("auto_fast_max_share", AUTO_FAST_MAX_SHARE))
     return "fast" if limit_l < share * n else "exact"
 

@@ -300,9 +300,10 @@ class _Shard:
         q = _edge()
         n = self.count()
         flt = edge_filter(conds)
+        cal = self.meta.extra.get(common.CALIBRATION_KEY)
         if mode == "auto":
-            mode = common.auto_mode(top_k, offset, n, self.options)
-        limit_l, ef, exact_pre = common.fast_plan(top_k, offset, self.options, n)
+            mode = common.auto_mode(top_k, offset, n, self.options, cal)
+        limit_l, ef, exact_pre = common.fast_plan(top_k, offset, self.options, n, cal)
         # exact prefetch: scan every `pooled` vector instead of walking the HNSW graph
         pre_params = q.SearchParams(hnsw_ef=ef, exact=exact_pre)
         if mode == "fast" and limit_l >= n:

@@ -203,9 +203,10 @@ class _Target:
         opts = self.owner._options
         n = self.count()
         flt = client_filter(conds)
+        cal = self.meta.extra.get(common.CALIBRATION_KEY)
         if mode == "auto":
-            mode = common.auto_mode(top_k, offset, n, opts)
-        limit_l, ef, exact_pre = common.fast_plan(top_k, offset, opts, n)
+            mode = common.auto_mode(top_k, offset, n, opts, cal)
+        limit_l, ef, exact_pre = common.fast_plan(top_k, offset, opts, n, cal)
         if mode == "fast" and limit_l >= n:
             mode = "exact"
         params = m.SearchParams(
