@@ -108,7 +108,11 @@ def train_cmd(
         num_threads=num_threads,
         weights_dtype=weights_dtype,
     )
-    summary = train(cfg, resume=resume)
+    try:
+        summary = train(cfg, resume=resume)
+    except (ValueError, FileNotFoundError) as exc:  # bad data or options: say so, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
     typer.echo(json.dumps(summary, indent=2))
 
 

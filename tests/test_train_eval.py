@@ -217,6 +217,18 @@ def test_caption_loss_training_uses_scene_captions(world: Path, tmp_path: Path) 
         scene_captions(bare)
 
 
+def test_train_cli_reports_bad_options_without_a_traceback(world: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from retrieval.cli import app
+
+    args = ["train", "--data", str(world), "--out", str(tmp_path / "r"), "--init", "tiny"]
+    res = CliRunner().invoke(app, [*args, "--batch-size", "100000", "--max-steps", "1"])
+    assert res.exit_code == 2
+    assert "error:" in res.output and "batch size 100000" in res.output
+    assert "Traceback" not in res.output
+
+
 def dataclasses_replace(obj: object, **kw: object) -> object:
     import dataclasses
 
