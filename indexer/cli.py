@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Measure a version's fast-mode prefetch size L on its own vectors and record it in
-        the version's metadata (servers pick it up on their next version refresh)."""
+        the version's metadata (a server reads it when it opens that version)."""
         from indexer.pipeline import calibrate_index
 
         try:

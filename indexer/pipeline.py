@@ -658,7 +658,8 @@ def _apply_updates(view: IndexView, updates: list[tuple[str, Any]], report: Repo
 def calibrate_version(idx: Any, version: str, recall_target: float = 0.99) -> dict[str, Any]:
     """Measure ``version``'s fast-mode L and record it in its metadata (see
     retrieval.index.calibrate); later searches of that version use it."""
-    from retrieval.index.calibrate import META_KEY, calibrate_fast
+    from retrieval.index.calibrate import calibrate_fast
+    from retrieval.index.common import CALIBRATION_KEY
 
     if version == idx.active_version:
         res = calibrate_fast(idx, recall_target)
@@ -668,7 +669,7 @@ def calibrate_version(idx: Any, version: str, recall_target: float = 0.99) -> di
             res = calibrate_fast(view, recall_target)
         finally:
             view.close()
-    idx.update_version_meta(version, {META_KEY: res})
+    idx.update_version_meta(version, {CALIBRATION_KEY: res})
     return res
 
 

@@ -274,7 +274,8 @@ class Trainer:
         if self.cfg.caption_loss > 0:
             paths = [t.target for t in batch] + [t.reference for t in batch]
             ctok = self.tokenizer([self.scene_captions[p] for p in paths], device=self.device)
-            pos = torch.tensor([[a == b for b in paths] for a in paths], device=self.device)
+            img = torch.tensor([self.bank.index[p] for p in paths], device=self.device)
+            pos = img[:, None] == img[None, :]  # [2B, 2B]: same image (a repeated reference)
             captions = (ctok.input_ids, ctok.attention_mask, pos)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.model(

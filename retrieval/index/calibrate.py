@@ -28,14 +28,11 @@ from typing import Any
 import numpy as np
 
 from retrieval.index.api import IndexView
-from retrieval.index.common import CALIBRATION_KEY
 
 logger = logging.getLogger(__name__)
 
 #: Prefetch sizes measured (a larger L than the gallery is never needed: ``fast`` = ``exact``).
 LADDER: tuple[int, ...] = (100, 250, 500, 1000, 2000, 4000, 8000, 16000, 32000)
-#: Metadata key of the result (``VersionMeta.extra``).
-META_KEY = CALIBRATION_KEY
 
 
 def measure_fast_recall(
@@ -134,4 +131,4 @@ def calibrate_fast(view: IndexView, recall_target: float = 0.99, **measure: Any)
     return res
 
 
-__all__ = ["LADDER", "META_KEY", "calibrate_fast", "choose_l", "measure_fast_recall"]
+__all__ = ["LADDER", "calibrate_fast", "choose_l", "measure_fast_recall"]
