@@ -3,6 +3,7 @@
     python benchmarks/index.py --sizes 10000,100000 --json /tmp/index_bench.json
     python benchmarks/index.py --features feats.npy [--queries q.npy] --json out.json
     python benchmarks/index.py --features models/sprc-shapes --gallery data/shapes/gallery.jsonl
+    python benchmarks/index.py --features models/sprc-shapes --render 100000  # 100k real features
     python benchmarks/index.py --sizes 30000 --sweep L=500,1000,2000,4000 --sweep-ef 1,exact
 
 Synthetic data: clustered, normalised tokens [N, 32, 256]; queries are perturbed tokens of random
@@ -351,31 +352,60 @@ def table(rows: list[dict]) -> str:
 
 
 def encode_gallery(
-    model: str, gallery: Path, triplets: Path | None, limit: int | None, nq: int, cache: Path
+    model: str,
+    gallery: Path,
+    triplets: Path | None,
+    limit: int | None,
+    nq: int,
+    cache: Path,
+    render: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Encode the images of a gallery jsonl (``{"path": ...}`` per line, relative to the file)
-    with a trained model folder (e.g. models/sprc-shapes), and composed queries from a triplet
-    jsonl (``reference`` + ``caption``). Cached as .npy under ``cache``."""
+    -- or, with ``render`` > 0, that many random shapes scenes (the real-feature gallery of
+    benchmarks/server.py) -- with a trained model folder (e.g. models/sprc-shapes), and composed
+    queries from a triplet jsonl (``reference`` + ``caption``). Cached as .npy under ``cache``."""
+    import io
+
     import torch
     from PIL import Image
 
     from retrieval.encoder import Encoder
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # shared machine
-    cache = cache / f"{Path(model).name}-{gallery.stem}-{limit or 'all'}-{nq}"  # no stale reuse
+    enc = Encoder.from_pretrained(model)
+    src = f"render{render}" if render else f"{gallery.stem}-{limit or 'all'}"
+    cache = cache / f"{enc.fingerprint}-{src}-{nq}"  # no stale reuse across models
     cache.mkdir(parents=True, exist_ok=True)
     f_path, q_path = cache / "targets.npy", cache / "queries.npy"
-    enc = Encoder.from_pretrained(model)
-    lines = [json.loads(x) for x in gallery.read_text().splitlines() if x.strip()][:limit]
+    if render:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "bench_server", Path(__file__).with_name("server.py")
+        )
+        assert spec is not None and spec.loader is not None
+        bench_server = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_server)
+
+        def images(s: int, m: int) -> list[Any]:
+            pngs = bench_server._render_chunk((s, m, 0))  # the scenes of --gallery real
+            return [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
+
+        total = render
+    else:
+        lines = [json.loads(x) for x in gallery.read_text().splitlines() if x.strip()][:limit]
+
+        def images(s: int, m: int) -> list[Any]:
+            return [Image.open(gallery.parent / x["path"]).convert("RGB") for x in lines[s : s + m]]
+
+        total = len(lines)
     if f_path.exists():
         feats = np.load(f_path)
     else:
         t0 = time.perf_counter()
         parts = []
-        for s in range(0, len(lines), 64):
-            imgs = [
-                Image.open(gallery.parent / x["path"]).convert("RGB") for x in lines[s : s + 64]
-            ]
+        for s in range(0, total, 64):
+            imgs = images(s, min(64, total - s))
             parts.append(enc.encode_targets(imgs, batch_size=32))
         feats = np.concatenate(parts).astype(np.float32)
         np.save(f_path, feats)
@@ -413,6 +443,13 @@ def main() -> None:
         help="composed queries (reference + caption) encoded with the --features model",
     )
     ap.add_argument("--limit", type=int, default=None, help="encode at most this many images")
+    ap.add_argument(
+        "--render",
+        type=int,
+        default=0,
+        help="with a model folder as --features: encode this many random shapes scenes (as "
+        "benchmarks/server.py --gallery real does) instead of --gallery",
+    )
     ap.add_argument("--cache", type=Path, default=Path("/tmp/cir-index-bench-features"))
     ap.add_argument("--modes", default="exact,fast", help="Edge modes of the main table")
     ap.add_argument(
@@ -440,7 +477,13 @@ def main() -> None:
         qs_real: np.ndarray | None = None
         if not args.features.endswith(".npy"):  # a model folder (or a preset name)
             tokens, qs_real = encode_gallery(
-                args.features, args.gallery, args.triplets, args.limit, args.queries_n, args.cache
+                args.features,
+                args.gallery,
+                args.triplets,
+                args.limit,
+                args.queries_n,
+                args.cache,
+                args.render,
             )
         else:
             tokens = np.load(args.features, mmap_mode="r").astype(np.float32)

@@ -242,6 +242,8 @@ def start_server(
     env = dict(os.environ)
     if args.threads:
         env["CIR_NUM_THREADS"] = str(args.threads)
+    if args.batch_threads and batching:
+        env["CIR_BATCH_THREADS"] = str(args.batch_threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     from server.client import CIRClient
 
@@ -340,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=3.0, help="server --max-wait-ms")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument(
+        "--batch-threads",
+        type=int,
+        default=0,
+        help="server torch threads for batches of 4+ queries when batching (0: --threads)",
+    )
     p.add_argument(
         "--dtypes", default="float32", help="server compute dtypes, e.g. float32,bfloat16"
     )

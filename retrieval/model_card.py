@@ -152,7 +152,9 @@ def build_card(
         "command": command,
         "commands": commands,
         "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores, "
-        f"torch threads {train_cfg.get('num_threads') or 'default'}",
+        f"torch threads {train_cfg.get('num_threads') or 'default'}, "
+        f"autocast {train_cfg.get('precision', 'auto')}, "
+        f"attention {train_cfg.get('attn_implementation', 'auto')}",
         "architecture": (
             f"{c.image_size} px input, {c.patch_size} px patches ({c.num_image_tokens - 1} "
             f"patches + [CLS]), ViT {c.vision_hidden_size}x{c.vision_num_layers}, Q-Former "
@@ -177,9 +179,14 @@ def build_card(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--run", type=Path, help="training run folder (required unless --rerender)")
+    ap.add_argument("--data", type=Path, help="data folder (required unless --rerender)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--rerender",
+        action="store_true",
+        help="only rewrite OUT/MODEL_CARD.md from OUT/card.json with new --notes-file (no eval)",
+    )
     ap.add_argument("--command", default=TRAIN_COMMAND)
     ap.add_argument(
         "--commands-file", type=Path, help="the commands the make target ran, one per line"
@@ -189,6 +196,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     commands = args.commands_file.read_text().splitlines() if args.commands_file else []
     notes = args.notes_file.read_text() if args.notes_file else ""
+    if args.rerender:
+        card = json.loads((args.out / CARD_JSON).read_text())
+        card["notes"] = notes
+        (args.out / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
+        (args.out / CARD_MD).write_text(render_markdown(card))
+        return
+    if args.run is None or args.data is None:
+        ap.error("--run and --data are required (unless --rerender)")
     build_card(args.run, args.data, args.out, args.command, commands, notes)
 
 

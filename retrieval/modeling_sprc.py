@@ -90,6 +90,17 @@ class SPRCModel(nn.Module):
         self.text_projection = nn.Linear(h, config.embed_dim)
         self.temp = nn.Parameter(torch.tensor(config.temp_init))
 
+    def set_attn_implementation(self, impl: str) -> None:
+        """Pick the attention kernel of the ViT and the Q-Former at run time ("eager" or "sdpa").
+
+        Same maths either way. On CPU with this project's short sequences (10-40 tokens) the
+        eager matmul + softmax trains about 1.6x faster than SDPA's flash kernel, whose
+        backward dominates a step (benchmarks/attn_precision.py measures both)."""
+        if impl not in ("eager", "sdpa"):
+            raise ValueError(f"attention implementation must be 'eager' or 'sdpa', got {impl!r}")
+        for module in (self.vision_model, self.qformer):
+            module.config._attn_implementation = impl
+
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -235,8 +246,12 @@ class SPRCModel(nn.Module):
     # ---------------------------------------------------------------- training
     @staticmethod
     def max_sim(queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """[B, D] x [N, Q, D] -> [B, N]: max over each target's Q vectors of the dot product."""
-        return torch.einsum("bd,nqd->bnq", queries, targets).amax(dim=-1)
+        """[B, D] x [N, Q, D] -> [B, N]: max over each target's Q vectors of the dot product.
+
+        Always float32, also under bf16 autocast: logits / temp reach ~14, where bf16 steps are
+        0.06, too coarse for the near-ties between a target and its hard negatives."""
+        with torch.autocast(queries.device.type, enabled=False):
+            return torch.einsum("bd,nqd->bnq", queries.float(), targets.float()).amax(dim=-1)
 
     def forward(
         self,

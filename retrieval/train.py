@@ -68,6 +68,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads (0 = default)
     weights_dtype: str = "float32"  # dtype of the final model's stored weights
+    precision: str = "auto"  # autocast: auto (bfloat16 on CUDA, float32 on CPU) | bf16 | fp32;
+    # bf16 on a CPU with native bf16 (AVX512-BF16/AMX) trains sprc-small ~1.5x faster
+    attn_implementation: str = "auto"  # auto (eager on CPU, sdpa on CUDA) | eager | sdpa
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +165,15 @@ class Trainer:
             self.tokenizer = QFormerTokenizer.builtin(max_length=config.max_text_len)
         self.model.to(self.device).float()
         self.config = self.model.config
+        attn = cfg.attn_implementation
+        if attn == "auto":
+            attn = "sdpa" if self.device.type == "cuda" else "eager"
+        self.model.set_attn_implementation(attn)
+        if cfg.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+        self.autocast_bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and self.device.type == "cuda"
+        )
         for p in self.model.vision_model.parameters():
             p.requires_grad_(cfg.train_vit)
         for p in self.model.vision_model.post_layernorm.parameters():  # ln_vision is trained
@@ -277,7 +289,7 @@ class Trainer:
             img = torch.tensor([self.bank.index[p] for p in paths], device=self.device)
             pos = img[:, None] == img[None, :]  # [2B, 2B]: same image (a repeated reference)
             captions = (ctok.input_ids, ctok.attention_mask, pos)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             out = self.model(
                 ref,
                 tgt,

@@ -1,7 +1,9 @@
 """Dynamic micro-batching of concurrent queries on the event loop.
 
 Handlers ``submit`` validated queries; one batcher task takes up to ``max_batch`` of them, or
-whatever arrived within ``max_wait_s`` of the first one's arrival, drops the ones whose deadline
+whatever arrived within ``max_wait_s`` of the first one's arrival (with ``adaptive_wait``, a lone
+query on a server whose recent batches held one query each is sent at once: an idle server
+answers at batch-1 latency, a busy one still fills batches), drops the ones whose deadline
 passed or whose caller went away, and hands the batch to ``process`` (which runs the model in a
 worker thread and resolves the futures). Admission is bounded: beyond ``queue_size`` waiting
 queries ``submit`` raises :class:`QueueFullError` with a retry-after estimate.
@@ -60,6 +62,7 @@ class MicroBatcher:
         max_batch: int = 16,
         max_wait_s: float = 0.002,
         queue_size: int = 256,
+        adaptive_wait: bool = True,
         on_drop: Callable[[str, int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
@@ -67,6 +70,9 @@ class MicroBatcher:
         self.max_batch = max(1, int(max_batch))
         self.max_wait_s = max(0.0, float(max_wait_s))
         self.queue_size = max(1, int(queue_size))
+        self.adaptive_wait = adaptive_wait
+        # moving average of live batch sizes: ~1 means no concurrency, so waiting buys nothing
+        self._recent_batch = 1.0
         self._on_drop = on_drop or (lambda reason, n: None)
         self._on_depth = on_depth or (lambda n: None)
         self._queue: collections.deque[Job] = collections.deque()
@@ -140,6 +146,8 @@ class MicroBatcher:
             await self._wake.wait()
         first = self._queue[0]
         until = first.enqueued + self.max_wait_s
+        if self.adaptive_wait and len(self._queue) == 1 and self._recent_batch < 1.5:
+            until = first.enqueued  # idle server: nobody else is likely to join this batch
         while len(self._queue) < self.max_batch and not self._closed:
             remaining = until - time.monotonic()
             if remaining <= 0:
@@ -175,6 +183,7 @@ class MicroBatcher:
                 continue
             for job in live:
                 job.batch_size = len(live)
+            self._recent_batch = 0.5 * self._recent_batch + 0.5 * len(live)
             self.batches += 1
             t0 = time.perf_counter()
             try:

@@ -35,9 +35,17 @@ def serve_cmd(
     device: str | None = typer.Option(None, "--device", help="cpu | cuda | auto"),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | auto"),
     num_threads: int | None = typer.Option(None, "--num-threads", help="Torch CPU threads."),
+    batch_threads: int | None = typer.Option(
+        None, "--batch-threads", help="Torch threads for batches of 4+ queries (default: same)."
+    ),
     max_batch: int | None = typer.Option(None, "--max-batch", help="Largest micro-batch."),
     max_wait_ms: float | None = typer.Option(
         None, "--max-wait-ms", help="Longest wait for a batch to fill after its first query."
+    ),
+    adaptive_wait: bool | None = typer.Option(
+        None,
+        "--adaptive-wait/--no-adaptive-wait",
+        help="Send a lone query at once while recent batches held one query (idle server).",
     ),
     no_batching: bool = typer.Option(
         False, "--no-batching", help="One query per model call (same as --max-batch 1)."
@@ -77,8 +85,10 @@ def serve_cmd(
         device=device,
         dtype=dtype,
         num_threads=num_threads,
+        batch_threads=batch_threads,
         max_batch=1 if no_batching else max_batch,
         max_wait_ms=max_wait_ms,
+        adaptive_wait=adaptive_wait,
         queue_size=queue_size,
         api_key=api_key,
         tls_cert=tls_cert,

@@ -56,10 +56,14 @@ class ServerSettings(BaseSettings):
     device: str = "cpu"  # cpu | cuda | auto
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads (None: torch default)
+    # torch threads for batches of BATCH_THREADS_MIN+ queries (None: num_threads); a lone query's
+    # small matmuls lose more to thread hand-offs than they gain, a batch's do not
+    batch_threads: int | None = Field(None, ge=1)
 
     # --- batching and admission
     max_batch: int = Field(16, ge=1, le=1024)  # largest micro-batch (1 disables batching)
     max_wait_ms: float = Field(2.0, ge=0.0, le=10_000.0)  # wait after the first query of a batch
+    adaptive_wait: bool = True  # skip that wait for a lone query while recent batches held one
     queue_size: int = Field(256, ge=1)  # queued queries beyond which RESOURCE_EXHAUSTED
     max_batch_queries: int = Field(64, ge=1)  # queries per SearchBatch call
     default_timeout_s: float = Field(30.0, gt=0)  # deadline for calls that set none

@@ -24,6 +24,8 @@ from server.config import ServerSettings
 
 logger = logging.getLogger(__name__)
 
+#: Batches of at least this many queries run with ``batch_threads`` torch threads.
+BATCH_THREADS_MIN = 4
 #: Payload keys that hold a thumbnail (never returned in payloads; served by GetImage).
 THUMBNAIL_KEYS = ("thumbnail", "thumbnail_b64", "thumbnail_path")
 #: Payload keys that hold the original image's location, in order of preference.
@@ -149,6 +151,10 @@ class Engine:
         )
         self._fields: dict[str, str] | None = None
         self._fields_version: str | None = None
+        import torch
+
+        self._small_threads = torch.get_num_threads()  # what num_threads set at load
+        self._threads_now = self._small_threads
 
     # ------------------------------------------------------------------ index facts
     @property
@@ -333,11 +339,25 @@ class Engine:
         return data, sniff_mime(data), int(w), int(h)
 
     # ------------------------------------------------------------------ inference thread
+    def _pick_threads(self, n: int) -> int:
+        """Torch threads for a batch of ``n`` queries (``batch_threads`` from
+        :data:`BATCH_THREADS_MIN` on); called in the inference thread that runs the model."""
+        import torch
+
+        want = self._small_threads
+        if self.settings.batch_threads and n >= BATCH_THREADS_MIN:
+            want = self.settings.batch_threads
+        if want != self._threads_now and self.encoder.device.type == "cpu":
+            torch.set_num_threads(want)
+            self._threads_now = want
+        return self._threads_now
+
     def encode(self, queries: list[Query]) -> tuple[np.ndarray, dict[str, float]]:
         """Vectors [N, D] for a batch (reference + text, or text only)."""
         import torch
 
         enc = self.encoder
+        self._pick_threads(len(queries))
         out = np.zeros((len(queries), enc.dim), np.float32)
         t_ref = t_enc = 0.0
         with_ref = [i for i, q in enumerate(queries) if q.has_reference]

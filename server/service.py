@@ -124,6 +124,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
             max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000.0,
             queue_size=settings.queue_size,
+            adaptive_wait=settings.adaptive_wait,
             on_drop=lambda reason, n: metrics.dropped.labels(reason).inc(n),
             on_depth=metrics.queue_depth.set,
         )

@@ -338,7 +338,7 @@ def test_message_size_limit(gallery: tuple[str, list[str]], encoder: Any, shared
 @pytest.fixture()
 def slow_srv(gallery: tuple[str, list[str]], encoder: Any, shared: Any) -> Any:
     """Batches wait 400 ms to fill, and only 4 queries may queue."""
-    s = settings(gallery[0], max_batch=64, max_wait_ms=400, queue_size=4)
+    s = settings(gallery[0], max_batch=64, max_wait_ms=400, queue_size=4, adaptive_wait=False)
     with BackgroundServer(s, encoder=encoder, **shared) as bg:
         yield bg
 
@@ -383,6 +383,28 @@ def test_batching_groups_concurrent_queries(
         with ThreadPoolExecutor(8) as pool:
             out = list(pool.map(lambda i: c.search(f"q{i}", reference_id="img-002"), range(8)))
         assert max(r.timings["batch_size"] for r in out) > 1
+
+
+def test_batch_threads_follow_the_batch_size(
+    gallery: tuple[str, list[str]], encoder: Any, shared: Any
+) -> None:
+    from server.engine import BATCH_THREADS_MIN, Engine, Query
+
+    engine = Engine(settings(gallery[0], batch_threads=2), encoder, shared["index"])
+    seen: list[tuple[int, int]] = []
+
+    def run(n: int) -> None:
+        vecs, _ = engine.encode([Query(text=f"q{i}", search=False) for i in range(n)])
+        assert vecs.shape == (n, encoder.dim)
+        seen.append((engine._threads_now, torch.get_num_threads()))
+
+    try:
+        with ThreadPoolExecutor(1) as pool:  # like the server's single inference thread
+            for n in (1, BATCH_THREADS_MIN, 2):
+                pool.submit(run, n).result()
+        assert seen == [(1, 1), (2, 2), (1, 1)]
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_index_version_switch_under_load(tmp_path: Path, encoder: Any) -> None:
@@ -442,7 +464,7 @@ def test_health_transitions_and_graceful_stop(
     th = threading.Thread(target=loop.run_forever, daemon=True)
     th.start()
     port = free_port()
-    s = settings(gallery[0], port=port, max_wait_ms=300, max_batch=64)
+    s = settings(gallery[0], port=port, max_wait_ms=300, max_batch=64, adaptive_wait=False)
 
     async def make() -> CIRServer:
         return _GatedServer(s, encoder=encoder, **shared)

@@ -229,6 +229,41 @@ def test_train_cli_reports_bad_options_without_a_traceback(world: Path, tmp_path
     assert "Traceback" not in res.output
 
 
+def test_bf16_eager_training_on_cpu(world: Path, tmp_path: Path) -> None:
+    """The demo recipe's kernels: bf16 autocast on CPU with eager attention trains (finite,
+    falling loss); the contrastive logits stay float32; the two kernels compute the same."""
+    from retrieval.modeling_sprc import SPRCModel
+
+    tr = Trainer(_cfg(world, tmp_path / "bf", max_steps=6, precision="bf16", save_every=0))
+    assert tr.autocast_bf16
+    assert tr.model.qformer.config._attn_implementation == "eager"
+    assert tr.model.vision_model.config._attn_implementation == "eager"
+    tr.fit(resume=False)
+    rows = [json.loads(x) for x in (tmp_path / "bf" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+    q = torch.randn(3, 8, dtype=torch.bfloat16)
+    t = torch.randn(5, 4, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SPRCModel.max_sim(q, t).dtype == torch.float32
+
+    m = tr.model.eval()
+    pix = torch.randn(2, 3, m.config.image_size, m.config.image_size)
+    ids = torch.randint(5, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    outs = []
+    for impl in ("eager", "sdpa"):
+        m.set_attn_implementation(impl)
+        with torch.no_grad():
+            outs.append(m.composed_query(m.image_features(pix), ids, mask))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="eager"):
+        m.set_attn_implementation("flash")
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(_cfg(world, tmp_path / "bad", max_steps=1, precision="fp8"))
+
+
 def dataclasses_replace(obj: object, **kw: object) -> object:
     import dataclasses
 
