@@ -1,6 +1,7 @@
 """The demo path end to end, as a new user runs it: `cir demo` on a small synthetic gallery
 (generate -> index build with the committed model -> gRPC server + Streamlit UI), then the Python
-client finds the known targets at rank 1, the page loads in headless Chromium and shows results,
+client finds the known targets at rank 1 as often as the evaluator measures on that gallery,
+the page loads in headless Chromium and shows results,
 Ctrl-C stops everything, and a second run reuses the index."""
 
 from __future__ import annotations
@@ -131,11 +132,21 @@ def test_client_finds_known_targets_at_rank_1(world: Path, demo: Demo) -> None:
             ranked = [g for g in ranked if g != t.reference_id][:10]
             at_1 += ranked[0] == t.target_id
             at_10 += t.target_id in ranked
-    # thresholds from the card's measured recall on the full 7456-image gallery: a 300-image
-    # gallery is easier, so the full-gallery figures (minus sampling slack) are a fair floor
-    recall = CARD["eval"]["test"]["recall"]
-    assert at_1 / len(triplets) >= recall["1"] - 0.05, (at_1, recall)
-    assert at_10 / len(triplets) >= recall["10"] - 0.1, (at_10, recall)
+    # thresholds from the model's measured recall on this very gallery and sample: `cir eval`'s
+    # evaluator (float32, in process) must agree with the served path, image bytes -> gRPC ->
+    # Qdrant Edge, up to near-ties. This 300-image gallery is not easier than the card's 7456:
+    # it holds ~3 one-attribute distractors per target (the card's gallery ~1).
+    from retrieval.encoder import Encoder
+    from retrieval.evaluate import evaluate
+
+    enc = Encoder.from_pretrained(ROOT / "models" / "sprc-shapes", device="cpu")
+    measured = evaluate(enc, world, "test", limit=len(triplets), baselines=False, progress=False)
+    want_1 = round(measured["recall"]["1"] * len(triplets))
+    want_10 = round(measured["recall"]["10"] * len(triplets))
+    assert abs(at_1 - want_1) <= 2, (at_1, measured["recall"])
+    assert abs(at_10 - want_10) <= 2, (at_10, measured["recall"])
+    # and far above what the reference image alone finds (the card: R@1 4.5x image-only)
+    assert at_1 >= 0.4 * len(triplets) and at_10 >= 0.9 * len(triplets), (at_1, at_10)
 
 
 @pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="run `make setup-browser`")

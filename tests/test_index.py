@@ -751,6 +751,14 @@ def test_fast_plan_uses_a_versions_calibration():
     # a calibrated small L makes `auto` use `fast` where the table's 8000 would not pay off
     assert auto_mode(10, 0, 30_000, {}) == "exact"
     assert auto_mode(10, 0, 30_000, {}, cal) == "fast"
+    # a calibration that found no L for the target: `auto` searches exactly (the table's L
+    # would silently lose recall), unless the caller overrides L or a lower target was measured
+    failed = {"L": None, "recall_target": 0.99}
+    assert auto_mode(10, 0, 100_000, {}) == "fast"
+    assert auto_mode(10, 0, 100_000, {}, failed) == "exact"
+    assert auto_mode(10, 0, 100_000, {"fast_min_candidates": 2000}, failed) == "fast"
+    assert auto_mode(10, 0, 100_000, {"fast_ignore_calibration": True}, failed) == "fast"
+    assert auto_mode(10, 0, 100_000, {"fast_recall": 0.9}, failed) == "fast"
 
 
 def test_choose_l_keeps_a_margin():

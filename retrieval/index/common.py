@@ -329,11 +329,23 @@ def auto_mode(
     calibration: Mapping[str, Any] | None = None,
 ) -> str:
     """``exact`` or ``fast`` for ``mode="auto"`` over ``n`` points: ``fast`` from
-    ``auto_fast_min_points`` (20,000) points on, and only when its L is below
-    ``auto_fast_max_share`` (0.25) of ``n``."""
+    ``auto_fast_min_points`` (20,000) points on, only when its L is below
+    ``auto_fast_max_share`` (0.25) of ``n``, and never when the version's calibration found no L
+    reaching the recall target."""
     from retrieval.index.api import AUTO_FAST_MIN_POINTS
 
     if n < int(options.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS)):
+        return "exact"
+    if (
+        calibration
+        and not calibration.get("L")
+        and "fast_min_candidates" not in options
+        and not options.get("fast_ignore_calibration", False)
+        and float(options.get("fast_recall", DEFAULT_FAST_RECALL))
+        >= float(calibration.get("recall_target", 1.0))
+    ):
+        # this version's own measurement found no L that reaches the target (tokens far from
+        # their mean): the table's L would return a recall well below it, so search exactly
         return "exact"
     limit_l = fast_plan(top_k, offset, options, n, calibration)[0]
     share = float(options.get("auto_fast_max_share", AUTO_FAST_MAX_SHARE))
