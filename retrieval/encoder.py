@@ -119,8 +119,8 @@ class Encoder:
         self.config: SPRCConfig = model.config
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        # "auto": eager matmul + softmax on CPU (a batch-1 query is ~20 % cheaper than with
-        # SDPA's fused kernel at these sequence lengths, benchmarks/attn_precision.py), SDPA on CUDA
+        # "auto": eager matmul + softmax on CPU (the kernel `cir train` uses there; at batch 1 the
+        # two are within noise on an idle CPU, benchmarks/attn_precision.py), SDPA on CUDA
         if attn_implementation == "auto":
             attn_implementation = "sdpa" if self.device.type == "cuda" else "eager"
         model.set_attn_implementation(attn_implementation)

@@ -93,9 +93,10 @@ class SPRCModel(nn.Module):
     def set_attn_implementation(self, impl: str) -> None:
         """Pick the attention kernel of the ViT and the Q-Former at run time ("eager" or "sdpa").
 
-        Same maths either way. On CPU with this project's short sequences (10-40 tokens) the
-        eager matmul + softmax trains about 1.6x faster than SDPA's flash kernel, whose
-        backward dominates a step (benchmarks/attn_precision.py measures both)."""
+        Same maths either way. On CPU with this project's short sequences (10-40 tokens) and
+        bf16 autocast, the eager matmul + softmax trains about 1.65x faster than SDPA's fused
+        kernel, whose backward dominates a step; in float32 the two are about even
+        (benchmarks/attn_precision.py measures all four)."""
         if impl not in ("eager", "sdpa"):
             raise ValueError(f"attention implementation must be 'eager' or 'sdpa', got {impl!r}")
         for module in (self.vision_model, self.qformer):
