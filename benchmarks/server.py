@@ -199,6 +199,20 @@ def shapes_queries(data: Path, count: int = 64) -> list[tuple[bytes, str]]:
     return [(resolve_path(data, t.reference).read_bytes(), t.caption) for t in rows]
 
 
+def calibration_queries(data: Path, encoder: Any, skip: int, count: int) -> np.ndarray:
+    """Composed query vectors of ``count`` test triplets after the first ``skip`` (the load
+    queries), to calibrate `fast` on real queries instead of the index's proxy queries."""
+    from PIL import Image
+
+    from retrieval.data.triplets import load_triplets, resolve_path
+
+    rows = load_triplets(data, "test")[skip : skip + count]
+    if not rows:
+        raise SystemExit(f"no test triplets after the first {skip} in {data}")
+    images = [Image.open(resolve_path(data, t.reference)).convert("RGB") for t in rows]
+    return encoder.encode_queries(images, [t.caption for t in rows])
+
+
 def free_port() -> int:
     from server.testing import free_port as fp
 
@@ -360,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         "tokens; auto: real with a trained model and a shapes world, else synthetic",
     )
     p.add_argument("--data", type=Path, default=ROOT / "data" / "shapes", help="shapes world")
+    p.add_argument(
+        "--calibrate-queries",
+        type=int,
+        default=0,
+        help="real galleries: recalibrate fast's L on this many composed test queries (not the "
+        "load queries) instead of the index's proxy queries (0: keep the build's calibration)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -391,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             name = build_real_index(args.work_dir, n, encoder)
         else:
             name = build_index(args.work_dir, n, encoder)
+        if gallery == "real" and args.calibrate_queries > 0:
+            from indexer.pipeline import calibrate_index
+
+            qv = calibration_queries(args.data, encoder, len(queries), args.calibrate_queries)
+            calibrate_index(f"edge:{args.work_dir}", name, query_vectors=qv)
         calibrations[n] = _calibration_of(args.work_dir, name)
         print(f"gallery {n:,}: fast-mode calibration {calibrations[n]}", flush=True)
         for dtype, batching in [(d, b) for d in args.dtypes.split(",") for b in (True, False)]:

@@ -216,13 +216,27 @@ def register(app: typer.Typer) -> None:
         recall: float = typer.Option(
             0.99, "--recall", min=0.5, max=0.9999, help="recall@10 target of `fast`"
         ),
+        queries: Path | None = typer.Option(
+            None,
+            "--queries",
+            help="real query vectors [M, D] (.npy, e.g. saved from the EncodeQuery RPC or a "
+            "query log); default: proxy queries drawn from the index, which can be pessimistic",
+        ),
     ) -> None:
         """Measure a version's fast-mode prefetch size L on its own vectors and record it in
         the version's metadata (a server reads it when it opens that version)."""
-        from indexer.pipeline import calibrate_index
+        import numpy as np
+
+        from indexer.pipeline import IndexerError, calibrate_index
 
         try:
-            res = calibrate_index(index, name, version, recall)
+            qv = None
+            if queries is not None:
+                try:
+                    qv = np.load(queries, allow_pickle=False)
+                except (OSError, ValueError) as exc:
+                    raise IndexerError(f"cannot read query vectors {queries}: {exc}") from exc
+            res = calibrate_index(index, name, version, recall, qv)
         except _known_errors() as exc:
             _fail(exc)
             return

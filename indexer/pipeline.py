@@ -655,18 +655,24 @@ def _apply_updates(view: IndexView, updates: list[tuple[str, Any]], report: Repo
 
 
 # --------------------------------------------------------------------------- admin helpers
-def calibrate_version(idx: Any, version: str, recall_target: float = 0.99) -> dict[str, Any]:
-    """Measure ``version``'s fast-mode L and record it in its metadata (see
-    retrieval.index.calibrate); later searches of that version use it."""
+def calibrate_version(
+    idx: Any,
+    version: str,
+    recall_target: float = 0.99,
+    query_vectors: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Measure ``version``'s fast-mode L (on ``query_vectors`` [M, D] when given, else on
+    proxy queries) and record it in its metadata (see retrieval.index.calibrate); later
+    searches of that version use it."""
     from retrieval.index.calibrate import calibrate_fast
     from retrieval.index.common import CALIBRATION_KEY
 
     if version == idx.active_version:
-        res = calibrate_fast(idx, recall_target)
+        res = calibrate_fast(idx, recall_target, query_vectors=query_vectors)
     else:
         view = open_version(idx, version)
         try:
-            res = calibrate_fast(view, recall_target)
+            res = calibrate_fast(view, recall_target, query_vectors=query_vectors)
         finally:
             view.close()
     idx.update_version_meta(version, {CALIBRATION_KEY: res})
@@ -681,7 +687,11 @@ def _version_or_active(idx: Any, version: str | None, uri: str, name: str) -> st
 
 
 def calibrate_index(
-    uri: str, name: str, version: str | None = None, recall_target: float = 0.99
+    uri: str,
+    name: str,
+    version: str | None = None,
+    recall_target: float = 0.99,
+    query_vectors: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """``calibrate_version`` by URI (default: the active version)."""
     from retrieval.index import open_index
@@ -690,8 +700,8 @@ def calibrate_index(
     try:
         target = _version_or_active(idx, version, uri, name)
         try:
-            res = calibrate_version(idx, target, recall_target)
-        except ValueError as exc:  # an empty version
+            res = calibrate_version(idx, target, recall_target, query_vectors)
+        except ValueError as exc:  # an empty version or unusable query vectors
             raise IndexerError(f"cannot calibrate {name} {target}: {exc}") from exc
         res["version"] = target
         return res

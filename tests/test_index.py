@@ -807,3 +807,51 @@ def test_calibration_measures_this_index_and_is_recorded(backend, tmp_path):
     assert curves["easy"][100] == 1.0
     assert curves["hard"][100] < 0.9  # random tokens: the mean is a poor proxy for the max
     assert curves["hard"][1000] > curves["hard"][100]
+
+
+def test_calibration_from_real_query_vectors(backend, tmp_path):
+    """Given real queries, the curve is measured on them, not on proxy queries: queries that
+    point at an image as a whole (as trained composed queries do) need a small L even where the
+    token-plus-noise proxies find none; unusable vectors are refused with a clear message."""
+    from indexer.pipeline import IndexerError, calibrate_index
+    from retrieval.index.calibrate import measure_fast_recall
+
+    n, q, d = 1200, 8, 16
+    rng = np.random.default_rng(7)
+    toks = rng.standard_normal((n, q, d)).astype(np.float32)  # tokens far from their mean
+    uri = f"{backend}:{tmp_path / 'g'}"
+    with open_index(uri, "g", encoder_fingerprint="e", preset="t") as idx:
+        idx.upsert([f"p{i}" for i in range(n)], toks)
+        idx.flush()
+        means = toks[rng.integers(0, n, 30)].mean(1)
+        real = measure_fast_recall(idx, ladder=(100, 250), query_vectors=means)
+        proxy = measure_fast_recall(idx, queries=30, ladder=(100, 250))
+        assert real["source"] == "queries" and real["queries"] == 30
+        assert proxy["source"] == "proxy"
+        # the curve is the one of these queries, computed here independently
+        unit = toks / np.linalg.norm(toks, axis=-1, keepdims=True)
+        pooled = unit.mean(1)
+        pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+        qv = means / np.linalg.norm(means, axis=1, keepdims=True)
+        exact = np.einsum("md,nqd->mnq", qv, unit).max(-1)
+        order = np.argsort(-(qv @ pooled.T), axis=1)
+        for L in (100, 250):
+            want = np.mean(
+                [
+                    len(set(np.argsort(-e)[:10]) & set(o[:L])) / 10
+                    for e, o in zip(exact, order, strict=True)
+                ]
+            )
+            assert real["curve"][L] == pytest.approx(want, abs=1e-6)
+        assert real["curve"] != proxy["curve"]
+        for bad, msg in (
+            (np.zeros((0, d)), "non-empty"),
+            (np.zeros((3, d)), "non-zero"),
+            (np.ones((3, d + 1)), "dimensions"),
+        ):
+            with pytest.raises(ValueError, match=msg):
+                measure_fast_recall(idx, ladder=(100,), query_vectors=bad)
+    rec = calibrate_index(uri, "g", recall_target=0.9, query_vectors=means)
+    assert rec["source"] == "queries" and rec["L"] is not None
+    with pytest.raises(IndexerError, match="dimensions"):
+        calibrate_index(uri, "g", query_vectors=np.ones((3, d + 1), np.float32))

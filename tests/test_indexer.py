@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -133,6 +134,23 @@ def test_folder_input_payload_and_info(tmp_path: Path, enc: Any) -> None:
         app, ["index", "calibrate", "--index", f"edge:{tmp_path / 'none'}", "--name", "g"]
     )
     assert res.exit_code != 0 and "no active version" in res.output
+    # real query vectors from a file; a file that is not an array is a one-line error
+    np.save(tmp_path / "q.npy", enc.encode_texts(["a red circle", "remove the square"]))
+    res = CliRunner().invoke(
+        app,
+        ["index", "calibrate", "--index", f"edge:{tmp_path / 'ix'}", "--name", "g"]
+        + ["--queries", str(tmp_path / "q.npy")],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["source"] == "queries"
+    (tmp_path / "bad.npy").write_text("not an array")
+    res = CliRunner().invoke(
+        app,
+        ["index", "calibrate", "--index", f"edge:{tmp_path / 'ix'}", "--name", "g"]
+        + ["--queries", str(tmp_path / "bad.npy")],
+    )
+    assert res.exit_code != 0 and "cannot read query vectors" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_manifest_inputs_jsonl_csv_parquet(tmp_path: Path, enc: Any) -> None:

@@ -17,6 +17,12 @@ with the ``pooled`` ranking, giving the recall of a perfect first stage at each 
 ``ladder``. The chosen L is the smallest whose recall reaches the target with half the
 remaining error as margin (0.995 for a 0.99 target), so sampling noise and the HNSW walk's
 small losses stay inside the target.
+
+The proxy queries are the conservative choice when nothing better is known, and they can be far
+too pessimistic: a trained SPRC model's composed queries match their target as a whole, and on
+the demo model's gallery real queries needed L = 100 where the proxy found no L at all
+(docs/benchmarks.md). When real query vectors exist (composed queries from a log or a held-out
+set), pass them as ``query_vectors``: the curve is then measured on them.
 """
 
 from __future__ import annotations
@@ -44,24 +50,37 @@ def measure_fast_recall(
     seed: int = 0,
     ladder: tuple[int, ...] = LADDER,
     batch: int = 2000,
+    query_vectors: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Recall@``top_k`` of a perfect ``pooled`` first stage at each L of ``ladder``.
+    """Recall@``top_k`` of a perfect ``pooled`` first stage at each L of ``ladder``, for
+    ``query_vectors`` ([M, D] real queries) when given, else for proxy queries.
 
-    Returns ``{"n", "queries", "top_k", "noise", "seed", "curve": {L: recall}, "seconds"}``.
+    Returns ``{"n", "queries", "top_k", "noise", "seed", "source", "curve": {L: recall},
+    "seconds"}``; ``source`` is ``"queries"`` (real vectors) or ``"proxy"``.
     """
     t0 = time.perf_counter()
     n = view.count()
     if n == 0:
         raise ValueError("cannot calibrate an empty index")
-    recs = view.get(
-        [r.id for r in view.sample(queries, seed=seed, with_payload=False)], True, False
-    )
-    rng = np.random.default_rng(seed)
-    toks = np.stack([np.asarray(r.tokens, np.float32) for r in recs if r.tokens is not None])
-    m, q, d = toks.shape
-    qv = toks[np.arange(m), rng.integers(0, q, m)]
-    qv = qv + noise * rng.standard_normal(qv.shape).astype(np.float32) / np.sqrt(d)
-    qv /= np.linalg.norm(qv, axis=1, keepdims=True)
+    if query_vectors is not None:
+        qv = np.asarray(query_vectors, np.float32)
+        if qv.ndim != 2 or qv.shape[0] == 0:
+            raise ValueError(f"query vectors must be a non-empty [M, D] array, got {qv.shape}")
+        norms = np.linalg.norm(qv, axis=1, keepdims=True)
+        if not np.all(np.isfinite(qv)) or np.any(norms == 0):
+            raise ValueError("query vectors must be finite and non-zero")
+        qv = qv / norms
+        m = len(qv)
+    else:
+        recs = view.get(
+            [r.id for r in view.sample(queries, seed=seed, with_payload=False)], True, False
+        )
+        rng = np.random.default_rng(seed)
+        toks = np.stack([np.asarray(r.tokens, np.float32) for r in recs if r.tokens is not None])
+        m, nq, d = toks.shape
+        qv = toks[np.arange(m), rng.integers(0, nq, m)]
+        qv = qv + noise * rng.standard_normal(qv.shape).astype(np.float32) / np.sqrt(d)
+        qv /= np.linalg.norm(qv, axis=1, keepdims=True)
     exact = np.empty((m, n), np.float32)
     pooled = np.empty((m, n), np.float32)
     seen = 0
@@ -70,7 +89,9 @@ def measure_fast_recall(
     def flush() -> None:
         nonlocal seen
         t = np.stack(chunk)  # [c, Q, D]
-        c = len(t)
+        c, q, d = t.shape
+        if d != qv.shape[1]:
+            raise ValueError(f"query vectors have {qv.shape[1]} dimensions, the index {d}")
         t /= np.linalg.norm(t, axis=-1, keepdims=True) + 1e-12
         exact[:, seen : seen + c] = (t.reshape(c * q, d) @ qv.T).reshape(c, q, m).max(1).T
         p = t.mean(1)
@@ -102,6 +123,7 @@ def measure_fast_recall(
         "top_k": int(k),
         "noise": float(noise),
         "seed": int(seed),
+        "source": "proxy" if query_vectors is None else "queries",
         "curve": curve,
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -119,7 +141,8 @@ def choose_l(curve: dict[int, float], recall_target: float) -> int | None:
 def calibrate_fast(view: IndexView, recall_target: float = 0.99, **measure: Any) -> dict[str, Any]:
     """Measure (:func:`measure_fast_recall`) and choose L for ``recall_target``. The result is
     what :func:`~retrieval.index.common.fast_plan` reads from ``extra["fast_calibration"]``;
-    ``"L": None`` means no measured L reached the target (``fast`` then uses the table)."""
+    ``"L": None`` means no measured L reached the target (``fast`` then uses the table and
+    ``auto`` searches exactly). ``measure`` may hold ``query_vectors`` (real queries)."""
     res = measure_fast_recall(view, **measure)
     res["recall_target"] = float(recall_target)
     res["L"] = choose_l(res["curve"], recall_target)
