@@ -267,6 +267,16 @@ CALIBRATION_KEY = "fast_calibration"
 EXACT_PREFETCH_RATIO = 64
 
 
+def _own_calibration(
+    options: Mapping[str, Any], calibration: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """The version's calibration when it decides L: not overridden by ``fast_min_candidates``
+    or ``fast_ignore_calibration``."""
+    if "fast_min_candidates" in options or options.get("fast_ignore_calibration", False):
+        return None
+    return calibration or None
+
+
 def fast_plan(
     top_k: int,
     offset: int,
@@ -287,15 +297,11 @@ def fast_plan(
     ``L x fast_exact_prefetch_ratio`` (default :data:`EXACT_PREFETCH_RATIO`) >= ``n``.
     """
     target = float(options.get("fast_recall", DEFAULT_FAST_RECALL))
+    cal = _own_calibration(options, calibration)
     if "fast_min_candidates" in options:
         base = int(options["fast_min_candidates"])
-    elif (
-        calibration
-        and calibration.get("L")
-        and target <= float(calibration.get("recall_target", 0.0))
-        and not options.get("fast_ignore_calibration", False)
-    ):
-        base = int(calibration["L"])
+    elif cal and cal.get("L") and target <= float(cal.get("recall_target", 0.0)):
+        base = int(cal["L"])
     else:
         base = FAST_RECALL_TABLE[-1][1]
         for rec, cand in FAST_RECALL_TABLE:
@@ -336,14 +342,9 @@ def auto_mode(
 
     if n < int(options.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS)):
         return "exact"
-    if (
-        calibration
-        and not calibration.get("L")
-        and "fast_min_candidates" not in options
-        and not options.get("fast_ignore_calibration", False)
-        and float(options.get("fast_recall", DEFAULT_FAST_RECALL))
-        >= float(calibration.get("recall_target", 1.0))
-    ):
+    cal = _own_calibration(options, calibration)
+    target = float(options.get("fast_recall", DEFAULT_FAST_RECALL))
+    if cal and not cal.get("L") and target >= float(cal.get("recall_target", 1.0)):
         # this version's own measurement found no L that reaches the target (tokens far from
         # their mean): the table's L would return a recall well below it, so search exactly
         return "exact"
