@@ -28,10 +28,11 @@ setup-browser:
 demo: setup
 	$(BIN)/cir demo
 
-# The demo model: generate the world, train sprc-small from scratch (about 77 min on 2 CPU
+# The demo model: generate the world, train sprc-small from scratch (about 75 min on 2 CPU
 # cores, both torch threads: keep the machine otherwise idle), evaluate, write the card.
-TRAIN_FLAGS ?= --init sprc-small --batch-size 64 --max-steps 9000 --lr 8e-4 --warmup 0.03 \
-	--train-vit --group-by-reference --reference-negatives --caption-loss 1.0 --num-threads 2 \
+TRAIN_FLAGS ?= --init sprc-small --batch-size 64 --max-steps 7400 --lr 8e-4 --warmup 0.03 \
+	--train-vit --group-by-reference --reference-negatives --caption-loss 1.0 --hard-negatives 1 \
+	--num-threads 2 \
 	--seed 0 --save-every 200 --val-limit 300 --val-gallery 1000 --time-budget-min 85 \
 	--weights-dtype float16 --precision bf16
 demo-model: setup-python

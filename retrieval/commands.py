@@ -56,6 +56,11 @@ def train_cmd(
         help="Weight of the BLIP-2 stage-1 image-caption ITC on whole-scene captions "
         "(shapes worlds only; 0 = SPRC losses only).",
     ),
+    hard_negatives: int = typer.Option(
+        0,
+        help="Shapes worlds: render N one-attribute distractors of each train target as extra "
+        "negatives (0 = none).",
+    ),
     grad_clip: float = typer.Option(1.0, help="Max grad norm (0 disables)."),
     save_every: int = typer.Option(200, help="Checkpoint every N steps."),
     val_limit: int = typer.Option(500, help="Val triplets per epoch validation (0 = all)."),
@@ -104,6 +109,7 @@ def train_cmd(
         group_by_reference=group_by_reference,
         reference_negatives=reference_negatives,
         caption_loss=caption_loss,
+        hard_negatives=hard_negatives,
         grad_clip=grad_clip,
         save_every=save_every,
         val_limit=val_limit,

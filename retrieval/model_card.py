@@ -38,6 +38,12 @@ def _recipe(cfg: dict[str, Any]) -> str:
         parts.append("every reference image as an extra negative")
     if cfg.get("group_by_reference"):
         parts.append("batches that keep a reference's edits together")
+    k = int(cfg.get("hard_negatives", 0) or 0)
+    if k > 0:
+        parts.append(
+            f"{k} rendered one-attribute distractor{'s' if k > 1 else ''} of every target "
+            "(`--hard-negatives`)"
+        )
     text = ", ".join(parts)
     w = float(cfg.get("caption_loss", 0.0) or 0.0)
     if w > 0:

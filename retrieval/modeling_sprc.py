@@ -264,6 +264,7 @@ class SPRCModel(nn.Module):
         reference_negatives: bool = False,
         captions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         caption_weight: float = 0.0,
+        hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SPRCLosses:
         """SPRC training losses for a batch of triplets (in-batch targets are the negatives).
 
@@ -271,6 +272,9 @@ class SPRCModel(nn.Module):
         ``reference_negatives`` adds every reference image, encoded as a target, to the
         negatives: the unedited scene is the hardest wrong answer, and ranking it below the
         target is what forces the caption to be applied. ``logits`` is then [B, 2B].
+        ``hard_negatives`` = (pixels [M, 3, H, W], valid [M] bool): more images appended as
+        negative columns of the query->target, text->target and caption->image losses
+        (invalid ones masked out), e.g. the target with one attribute changed.
         """
         ref = self.image_features(reference_pixels)
         tgt = self.target_features(self.image_features(target_pixels))  # [B, Q, D]
@@ -278,15 +282,27 @@ class SPRCModel(nn.Module):
             both = torch.cat([tgt, self.target_features(ref)], dim=0)  # [2B, Q, D]
             if reference_negatives:
                 tgt = both
+        hard = hard_valid = None
+        if hard_negatives is not None:
+            pixels, hard_valid = hard_negatives
+            hard = self.target_features(self.image_features(pixels))  # [M, Q, D]
+            tgt = torch.cat([tgt, hard], dim=0)
         labels = torch.arange(ref.shape[0], device=ref.device)
+
+        def masked(logits: torch.Tensor) -> torch.Tensor:
+            if hard_valid is None:
+                return logits
+            keep = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+            keep[logits.shape[1] - hard_valid.shape[0] :] = hard_valid
+            return logits.masked_fill(~keep, float("-inf"))
 
         prompt = self.sentence_prompt(ref, input_ids, attention_mask)
         query = self.compose(prompt, input_ids, attention_mask)
-        logits = self.max_sim(query, tgt) / self.temp
+        logits = masked(self.max_sim(query, tgt) / self.temp)
         loss_itc = F.cross_entropy(logits, labels)
 
         rtc_query = self.prompt_text_features(input_ids, attention_mask)
-        loss_rtc = F.cross_entropy(self.max_sim(rtc_query, tgt) / self.temp, labels)
+        loss_rtc = F.cross_entropy(masked(self.max_sim(rtc_query, tgt) / self.temp), labels)
 
         loss_align = F.mse_loss(
             prompt.mean(dim=1), self.prompt_tokens.detach().mean(dim=1).expand(prompt.shape[0], -1)
@@ -297,9 +313,16 @@ class SPRCModel(nn.Module):
         loss_caption = None
         if captions is not None:
             cap_ids, cap_mask, positives = captions
-            sim = self.max_sim(self.text_features(cap_ids, cap_mask), both) / self.temp
+            cap = self.text_features(cap_ids, cap_mask)
+            sim = self.max_sim(cap, both) / self.temp
+            t2i, t2i_pos = sim, positives
+            if hard is not None:  # a caption must also beat its scene's one-attribute variants
+                t2i = masked(torch.cat([sim, self.max_sim(cap, hard) / self.temp], dim=1))
+                t2i_pos = torch.cat(
+                    [positives, positives.new_zeros(sim.shape[0], hard.shape[0])], 1
+                )
             loss_caption = 0.5 * (
-                _multi_positive_ce(sim, positives) + _multi_positive_ce(sim.t(), positives.t())
+                _multi_positive_ce(t2i, t2i_pos) + _multi_positive_ce(sim.t(), positives.t())
             )
             loss = loss + caption_weight * loss_caption
         return SPRCLosses(loss, loss_itc, loss_rtc, loss_align, logits, loss_caption)

@@ -56,6 +56,8 @@ class TrainConfig:
     reference_negatives: bool = False  # references (encoded as targets) as extra negatives
     caption_loss: float = 0.0  # weight of BLIP-2 stage-1 image-caption ITC on whole-scene
     # captions (shapes worlds: from the scene signatures); 0 = SPRC losses only
+    hard_negatives: int = 0  # shapes worlds: render this many one-attribute distractors of
+    # each train target (the gallery's near misses, from train scenes only) as extra negatives
     grad_clip: float = 1.0  # max global grad norm (0 disables)
     save_every: int = 200  # checkpoint every N steps (and at the end / on the time budget)
     log_every: int = 10  # metrics.jsonl every N steps
@@ -116,6 +118,95 @@ def scene_captions(triplets: list[Any]) -> dict[str, str]:
                 )
             out[path] = describe_scene(parse_signature(sig))
     return out
+
+
+class HardNegativeBank:
+    """``k`` one-attribute distractors of every train triplet's target, rendered once and kept
+    as uint8 [N, k, 3, S, S] like :class:`ImageBank`; ``valid`` [N, k] is False where the target
+    has none (an empty scene). Deterministic in (seed, triplet index). Distractors never use a
+    held-out (shape, colour) pair and never equal a gallery scene, so test_unseen stays unseen
+    and no eval image is ever trained on, even as a negative; nor a train image's scene."""
+
+    def __init__(
+        self, data_dir: Path, triplets: list[Any], k: int, encoder_pre: Any, seed: int
+    ) -> None:
+        from retrieval.data.shapes import render_scene
+
+        meta_path = data_dir / "meta.json"
+        if not meta_path.is_file():
+            raise ValueError(f"--hard-negatives needs a shapes world (no {meta_path})")
+        meta = json.loads(meta_path.read_text())
+        size = int(meta["image_size"])
+        heldout: set[tuple[str, str]] = {
+            (c.split("-", 1)[0], c.split("-", 1)[1]) for c in meta.get("heldout_combos", [])
+        }
+        exclude: set[str] = set()
+        gallery = data_dir / "gallery.jsonl"
+        if gallery.is_file():
+            for line in gallery.read_text().splitlines():
+                if line.strip():
+                    sig = (json.loads(line).get("metadata") or {}).get("signature")
+                    if sig is not None:
+                        exclude.add(sig)
+        # Nor any train image's scene: a distractor equal to a batch-mate's target or reference
+        # (e.g. the reference itself, one edit away) would be a false negative.
+        for t in triplets:
+            for key in ("reference_signature", "target_signature"):
+                sig = (t.extra or {}).get(key)
+                if sig is not None:
+                    exclude.add(sig)
+        s = encoder_pre.size
+        self.k = k
+        self.data = torch.zeros((len(triplets), k, 3, s, s), dtype=torch.uint8)
+        self.valid = torch.zeros((len(triplets), k), dtype=torch.bool)
+        for i, t in enumerate(tqdm(triplets, desc="hard negatives", unit="img", mininterval=2)):
+            sig = (t.extra or {}).get("target_signature")
+            if sig is None:
+                raise ValueError(
+                    f"--hard-negatives needs scene signatures in the triplets' extra "
+                    f"(target_signature); {t.target} has none (only shapes worlds carry them)"
+                )
+            for j, neg in enumerate(self.scenes(t, i, k, seed, heldout, exclude)):
+                im = render_scene(neg, size, (seed, 7919, i, j))
+                im = encoder_pre.resize_crop(encoder_pre.target_pad(im))
+                self.data[i, j] = torch.from_numpy(
+                    np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+                )
+                self.valid[i, j] = True
+        self.mean = torch.tensor(encoder_pre.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(encoder_pre.std).view(1, 3, 1, 1)
+        logger.info("hard negatives: %d of %d rendered", int(self.valid.sum()), self.valid.numel())
+
+    @staticmethod
+    def scenes(
+        triplet: Any,
+        i: int,
+        k: int,
+        seed: int,
+        heldout: set[tuple[str, str]],
+        exclude: set[str],
+    ) -> list[Any]:
+        """Up to ``k`` distinct distractor scenes of triplet ``i``'s target (fewer if none)."""
+        from retrieval.data.shapes import hard_negative, parse_signature, signature
+
+        sig = triplet.extra["target_signature"]
+        scene = parse_signature(sig)
+        rng = random.Random(f"{seed}:hard-negative:{i}")
+        seen = {sig}
+        out = []
+        for _ in range(k):
+            neg = hard_negative(rng, scene, heldout, exclude | seen)
+            if neg is None:
+                break
+            seen.add(signature(neg))
+            out.append(neg)
+        return out
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels [len(indices) * k, 3, S, S] (normalised) and their validity mask."""
+        idx = torch.tensor(indices)
+        px = self.data[idx].flatten(0, 1).float() / 255.0
+        return (px - self.mean) / self.std, self.valid[idx].flatten()
 
 
 def lr_lambda(step: int, total: int, warmup: float) -> float:
@@ -188,6 +279,7 @@ class Trainer:
         if len(triplets) < cfg.batch_size:
             raise ValueError(f"{len(triplets)} train triplets < batch size {cfg.batch_size}")
         self.triplets = triplets
+        self._pos = {id(t): i for i, t in enumerate(triplets)}  # triplet -> index (hard negs)
         # Reference groups in first-appearance order (deterministic; used by batch_at).
         groups: dict[str, list[int]] = {}
         for i, t in enumerate(triplets):
@@ -198,8 +290,12 @@ class Trainer:
         if cfg.caption_loss > 0:
             self.scene_captions = scene_captions(triplets)
         pre = ImagePreprocessor.from_config(self.config)
+        self.bank_pre = pre
         paths = sorted({t.reference for t in triplets} | {t.target for t in triplets if t.target})
         self.bank = ImageBank(data_dir, paths, pre)
+        self.hard_bank: HardNegativeBank | None = None
+        if cfg.hard_negatives > 0:
+            self.hard_bank = HardNegativeBank(data_dir, triplets, cfg.hard_negatives, pre, cfg.seed)
         self.steps_per_epoch = len(triplets) // cfg.batch_size
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
@@ -290,6 +386,10 @@ class Trainer:
             img = torch.tensor([self.bank.index[p] for p in paths], device=self.device)
             pos = img[:, None] == img[None, :]  # [2B, 2B]: same image (a repeated reference)
             captions = (ctok.input_ids, ctok.attention_mask, pos)
+        hard = None
+        if self.hard_bank is not None:
+            px, valid = self.hard_bank.batch([self._pos[id(t)] for t in batch])
+            hard = (px.to(self.device), valid.to(self.device))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             out = self.model(
                 ref,
@@ -300,6 +400,7 @@ class Trainer:
                 reference_negatives=self.cfg.reference_negatives,
                 captions=captions,
                 caption_weight=self.cfg.caption_loss,
+                hard_negatives=hard,
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

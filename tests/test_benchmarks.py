@@ -30,3 +30,54 @@ def test_attn_precision_benchmark_compares_all_variants(tmp_path: Path) -> None:
     assert all(r["train_step_s"] > 0 and r["query_ms"] > 0 for r in rows)
     assert rows[0]["train_speedup"] == 1.0  # the baseline row
     assert "| eager | bf16 |" in res.stdout
+
+
+def test_first_stage_benchmark_compares_centroid_counts(tmp_path: Path) -> None:
+    out = tmp_path / "fs.json"
+    args = ["--n", "600", "--queries", "10", "--centroids", "1,4", "--L", "10,100,599"]
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "first_stage.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["centroids"] for r in rows] == [1, 4]
+    for r in rows:
+        rec = [r["recall@10"][k] for k in ("10", "100", "599")]
+        assert rec == sorted(rec) and rec[0] >= 0.0 and rec[-1] >= 0.99  # L = all but one
+    assert "| 1 (pooled) |" in res.stdout
+
+
+def test_first_stage_centroids_are_group_means() -> None:
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from benchmarks.first_stage import centroids, first_stage_recall
+
+    toks = np.zeros((2, 4, 3), np.float32)
+    toks[0, :2, 0] = 1.0
+    toks[0, 2:, 1] = 1.0
+    toks[1, :, 2] = 1.0
+    c2 = centroids(toks, 2)
+    np.testing.assert_allclose(c2[0], [[1, 0, 0], [0, 1, 0]])
+    np.testing.assert_allclose(centroids(toks, 1)[0], [[2**-0.5, 2**-0.5, 0]], rtol=1e-6)
+    # A query along token group 2 of image 0: the 2-centroid summary ranks image 0 first.
+    q = np.array([[0.0, 1.0, 0.0]], np.float32)
+    assert first_stage_recall(c2, q, [{0}], [1], k=1) == {1: 1.0}
+
+
+def test_misses_difference_kinds() -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.misses import difference
+    from retrieval.data.shapes import parse_signature as p
+
+    t = p("0:red-circle-L|4:blue-square-S")
+    assert difference(t, p("1:red-circle-L|4:blue-square-S")) == "cell"
+    assert difference(t, p("0:red-circle-S|4:blue-square-S")) == "size"
+    assert difference(t, p("0:red-cross-S|4:blue-square-S")) == "shape+size"
+    assert difference(t, p("0:red-circle-L|4:green-square-S")) == "color"
+    assert difference(t, p("1:red-circle-L|5:blue-square-S")) == "2 objects differ"
+    assert difference(t, p("0:red-circle-L")) == "count"
+    assert difference(t, t) == "same"

@@ -612,6 +612,30 @@ def _distractor(rng: random.Random, scene: Scene) -> Scene | None:
     return make_scene([o for o in scene if o is not obj] + [new])
 
 
+def hard_negative(
+    rng: random.Random,
+    scene: Scene,
+    heldout: Iterable[tuple[str, str]] = (),
+    exclude: set[str] | frozenset[str] = frozenset(),
+    tries: int = 16,
+) -> Scene | None:
+    """A one-attribute distractor of ``scene`` for training (the kind of near miss the gallery
+    holds for every eval target): never a held-out (shape, colour) pair, never a signature in
+    ``exclude`` (e.g. the gallery's), never ``scene`` itself. None when no such scene is found
+    (e.g. an empty scene)."""
+    held = set(heldout)
+    own = signature(scene) if scene else ""
+    for _ in range(tries):
+        d = _distractor(rng, scene)
+        if d is None:
+            return None
+        sig = signature(d)
+        if sig == own or sig in exclude or any(o.combo in held for o in d):
+            continue
+        return d
+    return None
+
+
 def describe_scene(scene: Scene) -> str:
     """A canonical caption of a whole scene, objects in cell order, e.g. ``"big red circle
     top left, small blue square centre"`` (the image-text pairs of BLIP-2's stage-1 ITC)."""
@@ -911,6 +935,7 @@ __all__ = [
     "apply_op",
     "apply_ops",
     "choose_heldout",
+    "hard_negative",
     "generate",
     "make_modification",
     "make_scene",
