@@ -81,3 +81,22 @@ def test_misses_difference_kinds() -> None:
     assert difference(t, p("1:red-circle-L|5:blue-square-S")) == "2 objects differ"
     assert difference(t, p("0:red-circle-L")) == "count"
     assert difference(t, t) == "same"
+
+
+def test_server_cpu_benchmark_compares_batching_on_and_off(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    args = ["--size", "300", "--duration", "1", "--concurrency", "4", "--work-dir", str(tmp_path)]
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "server_cpu.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["batching"] for r in rows] == [True, False]
+    for r in rows:
+        assert r["qps"] > 0 and r["server_cpu_ms_per_query"] > 0 and r["server_cpu_pct"] > 0
+    assert rows[1]["mean_batch"] == 1.0  # batching off really is batch 1
+    assert "batching:" in res.stdout and "x the QPS" in res.stdout

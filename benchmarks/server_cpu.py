@@ -1,0 +1,115 @@
+"""Where the server's CPU goes under load: CPU seconds per query of the `cir serve` process and of
+the load generator, and the server's CPU use (% of one core), batching on vs off, in one run.
+
+    python benchmarks/server_cpu.py --size 100000 --dtype bfloat16 --concurrency 32
+
+Same servers, galleries (`--gallery real` of benchmarks/server.py, built or reused under
+``data/bench-server``) and closed-loop load as benchmarks/server.py. A batched server that does
+not reach 200 % on this 2-core machine is held up by something other than compute (the GIL:
+gRPC handling, decoding, the Edge search and the model's Python all take it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _bench_server() -> object:
+    spec = importlib.util.spec_from_file_location("bench_server", ROOT / "benchmarks" / "server.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_server"] = mod  # its render pool pickles functions by module name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
+    ap.add_argument("--size", type=int, default=100000, help="gallery size")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per mode")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=float, default=3.0)
+    ap.add_argument("--threads", type=int, default=1, help="server torch threads")
+    ap.add_argument("--batch-threads", type=int, default=2, help="torch threads for batches")
+    ap.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench-server")
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "shapes")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    from retrieval.encoder import Encoder
+
+    bs: object = _bench_server()
+    model, note = bs.pick_model(args.model)  # type: ignore[attr-defined]
+    encoder = Encoder.from_pretrained(model)
+    name = bs.build_real_index(args.work_dir, args.size, encoder)  # type: ignore[attr-defined]
+    queries = bs.shapes_queries(args.data)  # type: ignore[attr-defined]
+    opts = SimpleNamespace(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        threads=args.threads,
+        batch_threads=args.batch_threads,
+    )
+    me = psutil.Process()
+    rows = []
+    for batching in (True, False):
+        proc, port = bs.start_server(  # type: ignore[attr-defined]
+            model, args.work_dir, name, batching, opts, args.dtype
+        )
+        try:
+            server = psutil.Process(proc.pid)
+            run = bs.run_load  # type: ignore[attr-defined]
+            asyncio.run(run(port, queries, args.concurrency, 2.0, 1.0, 10))  # warm up
+            s0, c0, t0 = server.cpu_times(), me.cpu_times(), time.perf_counter()
+            r = asyncio.run(run(port, queries, args.concurrency, args.duration, 0.0, 10))
+            s1, c1, t1 = server.cpu_times(), me.cpu_times(), time.perf_counter()
+        finally:
+            bs.stop_server(proc)  # type: ignore[attr-defined]
+        n = max(1, r["requests"])
+        srv = s1.user + s1.system - s0.user - s0.system
+        cli = c1.user + c1.system - c0.user - c0.system
+        rows.append(
+            {
+                "batching": batching,
+                "qps": round(r["qps"], 1),
+                "mean_batch": round(r["mean_batch"], 1),
+                "server_cpu_pct": round(100 * srv / (t1 - t0)),
+                "server_cpu_ms_per_query": round(1000 * srv / n, 2),
+                "client_cpu_pct": round(100 * cli / (t1 - t0)),
+                "client_cpu_ms_per_query": round(1000 * cli / n, 2),
+            }
+        )
+    print(f"model: {note}; gallery {args.size:,}; {args.dtype}; concurrency {args.concurrency}")
+    print("| batching | QPS | mean batch | server CPU % | server CPU ms/query | client CPU % |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {'on' if r['batching'] else 'off'} | {r['qps']} | {r['mean_batch']} | "
+            f"{r['server_cpu_pct']} | {r['server_cpu_ms_per_query']} | {r['client_cpu_pct']} |"
+        )
+    on, off = rows
+    print(
+        f"batching: {on['qps'] / max(off['qps'], 1e-9):.2f}x the QPS, "
+        f"{off['server_cpu_ms_per_query'] / max(on['server_cpu_ms_per_query'], 1e-9):.2f}x less "
+        f"CPU per query, {on['server_cpu_pct'] / max(off['server_cpu_pct'], 1):.2f}x the CPU use"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
