@@ -84,8 +84,14 @@ def test_misses_difference_kinds() -> None:
 
 
 def test_server_cpu_benchmark_compares_batching_on_and_off(tmp_path: Path) -> None:
+    from retrieval.data.shapes import ShapesConfig, generate
+
+    world = tmp_path / "world"  # the query images and captions (a fresh clone has no data/)
+    cfg = ShapesConfig(seed=1, train=64, val=8, test=16, test_unseen=8, gallery=60, workers=1)
+    generate(cfg, world, overwrite=True)
     out = tmp_path / "cpu.json"
     args = ["--size", "300", "--duration", "1", "--concurrency", "4", "--work-dir", str(tmp_path)]
+    args += ["--data", str(world)]
     res = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "server_cpu.py"), *args, "--json", str(out)],
         capture_output=True,

@@ -145,8 +145,10 @@ def test_client_finds_known_targets_at_rank_1(world: Path, demo: Demo) -> None:
     want_10 = round(measured["recall"]["10"] * len(triplets))
     assert abs(at_1 - want_1) <= 2, (at_1, measured["recall"])
     assert abs(at_10 - want_10) <= 2, (at_10, measured["recall"])
-    # and far above what the reference image alone finds (the card: R@1 4.5x image-only)
-    assert at_1 >= 0.4 * len(triplets) and at_10 >= 0.9 * len(triplets), (at_1, at_10)
+    print(f"served: {at_1}/{len(triplets)} at rank 1, {at_10} in the top 10; {measured['recall']}")
+    # and far above what the reference image alone finds (the card: R@1 16x image-only)
+    # "most" at rank 1: the demo model has 25 of these 40 at rank 1 (62.5 %), 40 in the top 10
+    assert at_1 > 0.5 * len(triplets) and at_10 >= 0.9 * len(triplets), (at_1, at_10)
 
 
 @pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="run `make setup-browser`")
