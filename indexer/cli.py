@@ -78,6 +78,12 @@ def register(app: typer.Typer) -> None:
             "--calibrate/--no-calibrate",
             help="measure the version's fast-mode prefetch size L (galleries of 5,000+ images)",
         ),
+        calibrate_queries: Path | None = typer.Option(
+            None,
+            "--calibrate-queries",
+            help="real query vectors [M, D] (.npy) to calibrate on instead of proxy queries "
+            "(which can be pessimistic); read before anything is encoded",
+        ),
         limit: int | None = typer.Option(None, "--limit", min=0, help="first N items only"),
         fresh: bool = typer.Option(False, "--fresh", help="never resume an unfinished version"),
         build_id: str | None = typer.Option(
@@ -116,6 +122,7 @@ def register(app: typer.Typer) -> None:
                 verify=verify,
                 verify_sample=verify_sample,
                 calibrate=calibrate,
+                calibrate_queries=None if calibrate_queries is None else str(calibrate_queries),
                 limit=limit,
                 fresh=fresh,
                 build_id=build_id,
@@ -225,17 +232,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure a version's fast-mode prefetch size L on its own vectors and record it in
         the version's metadata (a server reads it when it opens that version)."""
-        import numpy as np
 
-        from indexer.pipeline import IndexerError, calibrate_index
+        from indexer.pipeline import calibrate_index, load_query_vectors
 
         try:
-            qv = None
-            if queries is not None:
-                try:
-                    qv = np.load(queries, allow_pickle=False)
-                except (OSError, ValueError) as exc:
-                    raise IndexerError(f"cannot read query vectors {queries}: {exc}") from exc
+            qv = None if queries is None else load_query_vectors(queries)
             res = calibrate_index(index, name, version, recall, qv)
         except _known_errors() as exc:
             _fail(exc)

@@ -76,6 +76,8 @@ class BuildConfig:
     verify_sample: int = 32  # images queried by their own tokens during verification
     calibrate: bool = True  # measure this version's fast-mode L (retrieval.index.calibrate)
     calibrate_min_points: int = 5000  # smaller galleries search `exact` anyway: skip
+    calibrate_queries: str | None = None  # .npy of real query vectors [M, D] to calibrate on
+    # (e.g. a query log saved from EncodeQuery); None: proxy queries, which can be pessimistic
     limit: int | None = None  # only the first N items (after sharding); for trials
     fresh: bool = False  # never resume: always start a new version
     build_id: str | None = None  # resume key override (several machines with different mounts)
@@ -237,6 +239,9 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
         mode="incremental" if cfg.incremental else "rebuild",
     )
 
+    # read the calibration queries first: a bad file fails before hours of encoding
+    calib_q = None if cfg.calibrate_queries is None else load_query_vectors(cfg.calibrate_queries)
+
     # ---- reader
     t0 = time.perf_counter()
     col = read_source(cfg.source, cfg.manifest_format, cfg.path_column, cfg.fields)
@@ -262,6 +267,11 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
     enc = encoder if encoder is not None else load_encoder(cfg)
     stages["load_model"] = time.perf_counter() - t0
     report.preset, report.encoder_fingerprint = enc.preset, enc.fingerprint
+    if calib_q is not None and calib_q.shape[1] != enc.dim:
+        raise IndexerError(
+            f"calibration queries {cfg.calibrate_queries} are {calib_q.shape[1]}-d; "
+            f"the model {cfg.model!r} makes {enc.dim}-d queries"
+        )
     report.device, report.dtype = str(enc.device), str(enc.dtype).replace("torch.", "")
     fields = dict(col.fields)
 
@@ -394,7 +404,7 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
             stages["verify"] = time.perf_counter() - t0
             if cfg.calibrate and whole and report.count >= cfg.calibrate_min_points:
                 t0 = time.perf_counter()
-                report.calibration = calibrate_version(idx, version)
+                report.calibration = calibrate_version(idx, version, query_vectors=calib_q)
                 stages["calibrate"] = time.perf_counter() - t0
             if shard_n > 1:
                 if cfg.activate:
@@ -655,6 +665,23 @@ def _apply_updates(view: IndexView, updates: list[tuple[str, Any]], report: Repo
 
 
 # --------------------------------------------------------------------------- admin helpers
+def load_query_vectors(path: str | Path) -> np.ndarray:
+    """Real query vectors [M, D] from a .npy file, or IndexerError saying what is wrong."""
+    try:
+        qv = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise IndexerError(f"cannot read query vectors {path}: {exc}") from exc
+    if qv.ndim != 2 or qv.shape[0] == 0 or not np.issubdtype(qv.dtype, np.number):
+        raise IndexerError(
+            f"query vectors {path} must be a non-empty numeric [M, D] array, got "
+            f"{qv.dtype} {qv.shape}"
+        )
+    qv = qv.astype(np.float32)
+    if not np.all(np.isfinite(qv)) or np.any(np.linalg.norm(qv, axis=1) == 0):
+        raise IndexerError(f"query vectors {path} must be finite and non-zero")
+    return qv
+
+
 def calibrate_version(
     idx: Any,
     version: str,

@@ -447,3 +447,54 @@ def test_version_activated_only_after_verification(
         assert idx.active_version == ok.version
     finally:
         idx.close()
+
+
+def test_build_calibrates_on_real_query_vectors(tmp_path: Path, enc: Any) -> None:
+    """`cir index build --calibrate-queries Q.npy`: the new version's fast-mode L is measured on
+    those queries; a bad file fails before anything is encoded or written."""
+    src = tmp_path / "imgs"
+    write_images(src, 12)
+    np.save(tmp_path / "q.npy", enc.encode_texts(["a red circle", "remove the blue square"]))
+    rep = build(
+        cfg(
+            src, tmp_path / "ix", calibrate_min_points=0, calibrate_queries=str(tmp_path / "q.npy")
+        ),
+        encoder=enc,
+    )
+    assert rep.verified and rep.calibration is not None
+    assert rep.calibration["source"] == "queries" and rep.calibration["n"] == 12
+    idx = open_g(tmp_path / "ix")
+    try:
+        from retrieval.index.common import CALIBRATION_KEY
+
+        assert idx.meta.extra[CALIBRATION_KEY]["source"] == "queries"
+    finally:
+        idx.close()
+    # Without the file: proxy queries.
+    rep = build(cfg(src, tmp_path / "ix2", calibrate_min_points=0), encoder=enc)
+    assert rep.calibration is not None and rep.calibration["source"] == "proxy"
+
+    from typer import Typer
+
+    from indexer.cli import register
+
+    app = Typer()
+    register(app)
+    (tmp_path / "bad.npy").write_text("not an array")
+    np.save(tmp_path / "wrong_dim.npy", np.ones((3, 7), np.float32))
+    np.save(tmp_path / "zero.npy", np.zeros((3, enc.dim), np.float32))
+    for bad, message in [
+        ("bad.npy", "cannot read query vectors"),
+        ("missing.npy", "cannot read query vectors"),
+        ("zero.npy", "finite and non-zero"),
+        ("wrong_dim.npy", f"7-d; the model 'tiny' makes {enc.dim}-d"),
+    ]:
+        res = CliRunner().invoke(
+            app,
+            ["index", "build", str(src), "--index", f"edge:{tmp_path / 'ix3'}", "--name", "g"]
+            + ["--model", "tiny", "--workers", "0", "--no-progress"]
+            + ["--calibrate-queries", str(tmp_path / bad)],
+        )
+        assert res.exit_code != 0 and message in res.output, (bad, res.output)
+        assert "Traceback" not in res.output
+        assert not (tmp_path / "ix3").exists() or not any((tmp_path / "ix3").rglob("*.json")), bad
