@@ -6,20 +6,28 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, args: list[str], out: Path, timeout: int = 300) -> Any:
+    """Run ``benchmarks/<script>`` with ``--json out``; its stdout on success."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def test_attn_precision_benchmark_compares_all_variants(tmp_path: Path) -> None:
     out = tmp_path / "k.json"
     args = ["--preset", "tiny", "--batch", "4", "--reps", "2", "--query-reps", "2"]
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attn_precision.py"), *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = _run("attn_precision.py", args, out)
     rows = json.loads(out.read_text())["rows"]
     assert {(r["attention"], r["precision"]) for r in rows} == {
         ("sdpa", "fp32"),
@@ -35,13 +43,7 @@ def test_attn_precision_benchmark_compares_all_variants(tmp_path: Path) -> None:
 def test_first_stage_benchmark_compares_centroid_counts(tmp_path: Path) -> None:
     out = tmp_path / "fs.json"
     args = ["--n", "600", "--queries", "10", "--centroids", "1,4", "--L", "10,100,599"]
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "first_stage.py"), *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = _run("first_stage.py", args, out)
     rows = json.loads(out.read_text())["rows"]
     assert [r["centroids"] for r in rows] == [1, 4]
     for r in rows:
@@ -92,14 +94,7 @@ def test_server_cpu_benchmark_compares_batching_on_and_off(tmp_path: Path) -> No
     out = tmp_path / "cpu.json"
     args = ["--size", "300", "--duration", "1", "--concurrency", "4", "--work-dir", str(tmp_path)]
     args += ["--data", str(world)]
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "server_cpu.py"), *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run("server_cpu.py", args, out, timeout=600)
     rows = json.loads(out.read_text())
     assert [r["batching"] for r in rows] == [True, False]
     for r in rows:
