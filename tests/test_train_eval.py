@@ -112,15 +112,16 @@ def test_short_training_raises_recall(world: Path, tmp_path: Path) -> None:
     assert after["n"] == 64 and sum(v["n"] for v in after["by_type"].values()) == 64
 
 
-def test_resume_continues_same_loss_curve(world: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("hard_negatives", [0, 1])
+def test_resume_continues_same_loss_curve(world: Path, tmp_path: Path, hard_negatives: int) -> None:
+    kw = {"max_steps": 6, "hard_negatives": hard_negatives}  # the rendered bank is rebuilt
     straight = tmp_path / "straight"
-    Trainer(_cfg(world, straight, max_steps=6)).fit(resume=False)
+    Trainer(_cfg(world, straight, **kw)).fit(resume=False)
     resumed = tmp_path / "resumed"
     assert (
-        Trainer(_cfg(world, resumed, max_steps=6)).fit(resume=False, until=3)["stopped"]
-        == "interrupted"
+        Trainer(_cfg(world, resumed, **kw)).fit(resume=False, until=3)["stopped"] == "interrupted"
     )
-    Trainer(_cfg(world, resumed, max_steps=6)).fit(resume=True)  # a new process would do the same
+    Trainer(_cfg(world, resumed, **kw)).fit(resume=True)  # a new process would do the same
 
     def curve(run: Path) -> dict[int, float]:
         return {
