@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import psutil
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _bench_server() -> object:
+def _bench_server() -> Any:
     spec = importlib.util.spec_from_file_location("bench_server", ROOT / "benchmarks" / "server.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -53,11 +54,11 @@ def main() -> None:
 
     from retrieval.encoder import Encoder
 
-    bs: object = _bench_server()
-    model, note = bs.pick_model(args.model)  # type: ignore[attr-defined]
+    bs = _bench_server()
+    model, note = bs.pick_model(args.model)
     encoder = Encoder.from_pretrained(model)
-    name = bs.build_real_index(args.work_dir, args.size, encoder)  # type: ignore[attr-defined]
-    queries = bs.shapes_queries(args.data)  # type: ignore[attr-defined]
+    name = bs.build_real_index(args.work_dir, args.size, encoder)
+    queries = bs.shapes_queries(args.data)
     opts = SimpleNamespace(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -67,18 +68,16 @@ def main() -> None:
     me = psutil.Process()
     rows = []
     for batching in (True, False):
-        proc, port = bs.start_server(  # type: ignore[attr-defined]
-            model, args.work_dir, name, batching, opts, args.dtype
-        )
+        proc, port = bs.start_server(model, args.work_dir, name, batching, opts, args.dtype)
         try:
             server = psutil.Process(proc.pid)
-            run = bs.run_load  # type: ignore[attr-defined]
+            run = bs.run_load
             asyncio.run(run(port, queries, args.concurrency, 2.0, 1.0, 10))  # warm up
             s0, c0, t0 = server.cpu_times(), me.cpu_times(), time.perf_counter()
             r = asyncio.run(run(port, queries, args.concurrency, args.duration, 0.0, 10))
             s1, c1, t1 = server.cpu_times(), me.cpu_times(), time.perf_counter()
         finally:
-            bs.stop_server(proc)  # type: ignore[attr-defined]
+            bs.stop_server(proc)
         n = max(1, r["requests"])
         srv = s1.user + s1.system - s0.user - s0.system
         cli = c1.user + c1.system - c0.user - c0.system

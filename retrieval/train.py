@@ -79,6 +79,33 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _uint8_chw(encoder_pre: Any, image: Any) -> torch.Tensor:
+    """PIL image -> uint8 [3, S, S] after the encoder's TargetPad + resize + crop."""
+    im = encoder_pre.resize_crop(encoder_pre.target_pad(image))
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+class _Normalise:
+    """uint8 pixels -> the encoder's normalised float input (per batch, not per image)."""
+
+    def __init__(self, encoder_pre: Any) -> None:
+        self.mean = torch.tensor(encoder_pre.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(encoder_pre.std).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float() / 255.0 - self.mean) / self.std
+
+
+class _AnyOf:
+    """Membership in any of several sets, without copying them into one."""
+
+    def __init__(self, *sets: set[str]) -> None:
+        self.sets = sets
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in s for s in self.sets)
+
+
 class ImageBank:
     """Every train image decoded once into uint8 [M, 3, S, S] (TargetPad + resize + crop);
     normalisation happens per batch. 64 px renders: ~12 KB each."""
@@ -88,18 +115,12 @@ class ImageBank:
         s = encoder_pre.size
         self.data = torch.empty((len(paths), 3, s, s), dtype=torch.uint8)
         for i, p in enumerate(tqdm(paths, desc="loading images", unit="img", mininterval=2)):
-            im = encoder_pre.resize_crop(
-                encoder_pre.target_pad(decode_image(resolve_path(data_dir, p)))
-            )
-            self.data[i] = torch.from_numpy(
-                np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
-            )
-        self.mean = torch.tensor(encoder_pre.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(encoder_pre.std).view(1, 3, 1, 1)
+            self.data[i] = _uint8_chw(encoder_pre, decode_image(resolve_path(data_dir, p)))
+        self.normalise = _Normalise(encoder_pre)
 
     def batch(self, paths: list[str]) -> torch.Tensor:
         idx = torch.tensor([self.index[p] for p in paths])
-        return (self.data[idx].float() / 255.0 - self.mean) / self.std
+        return self.normalise(self.data[idx])
 
 
 def scene_captions(triplets: list[Any]) -> dict[str, str]:
@@ -137,9 +158,7 @@ class HardNegativeBank:
             raise ValueError(f"--hard-negatives needs a shapes world (no {meta_path})")
         meta = json.loads(meta_path.read_text())
         size = int(meta["image_size"])
-        heldout: set[tuple[str, str]] = {
-            (c.split("-", 1)[0], c.split("-", 1)[1]) for c in meta.get("heldout_combos", [])
-        }
+        heldout = {(s, c) for s, c in (x.split("-", 1) for x in meta.get("heldout_combos", []))}
         exclude: set[str] = set()
         gallery = data_dir / "gallery.jsonl"
         if gallery.is_file():
@@ -167,14 +186,11 @@ class HardNegativeBank:
                     f"(target_signature); {t.target} has none (only shapes worlds carry them)"
                 )
             for j, neg in enumerate(self.scenes(t, i, k, seed, heldout, exclude)):
-                im = render_scene(neg, size, (seed, 7919, i, j))
-                im = encoder_pre.resize_crop(encoder_pre.target_pad(im))
-                self.data[i, j] = torch.from_numpy(
-                    np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+                self.data[i, j] = _uint8_chw(
+                    encoder_pre, render_scene(neg, size, (seed, 7919, i, j))
                 )
                 self.valid[i, j] = True
-        self.mean = torch.tensor(encoder_pre.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(encoder_pre.std).view(1, 3, 1, 1)
+        self.normalise = _Normalise(encoder_pre)
         logger.info("hard negatives: %d of %d rendered", int(self.valid.sum()), self.valid.numel())
 
     @staticmethod
@@ -195,7 +211,7 @@ class HardNegativeBank:
         seen = {sig}
         out = []
         for _ in range(k):
-            neg = hard_negative(rng, scene, heldout, exclude | seen)
+            neg = hard_negative(rng, scene, heldout, _AnyOf(exclude, seen))
             if neg is None:
                 break
             seen.add(signature(neg))
@@ -205,8 +221,7 @@ class HardNegativeBank:
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels [len(indices) * k, 3, S, S] (normalised) and their validity mask."""
         idx = torch.tensor(indices)
-        px = self.data[idx].flatten(0, 1).float() / 255.0
-        return (px - self.mean) / self.std, self.valid[idx].flatten()
+        return self.normalise(self.data[idx].flatten(0, 1)), self.valid[idx].flatten()
 
 
 def lr_lambda(step: int, total: int, warmup: float) -> float:

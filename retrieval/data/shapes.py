@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -616,7 +616,7 @@ def hard_negative(
     rng: random.Random,
     scene: Scene,
     heldout: Iterable[tuple[str, str]] = (),
-    exclude: set[str] | frozenset[str] = frozenset(),
+    exclude: Container[str] = frozenset(),
     tries: int = 16,
 ) -> Scene | None:
     """A one-attribute distractor of ``scene`` for training (the kind of near miss the gallery
