@@ -253,6 +253,8 @@ def start_server(
         "--dtype",
         dtype,
     ]
+    if not getattr(args, "search_process", True):
+        cmd.append("--no-search-process")
     env = dict(os.environ)
     if args.threads:
         env["CIR_NUM_THREADS"] = str(args.threads)
@@ -380,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="real galleries: recalibrate fast's L on this many composed test queries (not the "
         "load queries) instead of the index's proxy queries (0: keep the build's calibration)",
+    )
+    p.add_argument(
+        "--no-search-process",
+        dest="search_process",
+        action="store_false",
+        help="servers search the index in their own process (cir serve --no-search-process)",
     )
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args(argv)

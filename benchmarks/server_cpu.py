@@ -49,6 +49,11 @@ def main() -> None:
     ap.add_argument("--batch-threads", type=int, default=2, help="torch threads for batches")
     ap.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench-server")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "shapes")
+    ap.add_argument(
+        "--search-process",
+        default="on,off",
+        help="index searched in a child process (the server's default) and/or in-process",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -67,47 +72,87 @@ def main() -> None:
     )
     me = psutil.Process()
     rows = []
-    for batching in (True, False):
-        proc, port = bs.start_server(model, args.work_dir, name, batching, opts, args.dtype)
-        try:
-            server = psutil.Process(proc.pid)
-            run = bs.run_load
-            asyncio.run(run(port, queries, args.concurrency, 2.0, 1.0, 10))  # warm up
-            s0, c0, t0 = server.cpu_times(), me.cpu_times(), time.perf_counter()
-            r = asyncio.run(run(port, queries, args.concurrency, args.duration, 0.0, 10))
-            s1, c1, t1 = server.cpu_times(), me.cpu_times(), time.perf_counter()
-        finally:
-            bs.stop_server(proc)
-        n = max(1, r["requests"])
-        srv = s1.user + s1.system - s0.user - s0.system
-        cli = c1.user + c1.system - c0.user - c0.system
-        rows.append(
-            {
-                "batching": batching,
-                "qps": round(r["qps"], 1),
-                "mean_batch": round(r["mean_batch"], 1),
-                "server_cpu_pct": round(100 * srv / (t1 - t0)),
-                "server_cpu_ms_per_query": round(1000 * srv / n, 2),
-                "client_cpu_pct": round(100 * cli / (t1 - t0)),
-                "client_cpu_ms_per_query": round(1000 * cli / n, 2),
-            }
-        )
+    for search_process in [v.strip() == "on" for v in args.search_process.split(",")]:
+        for batching in (True, False):
+            opts.search_process = search_process
+            rows.append(_measure(bs, model, args, name, queries, batching, opts, me))
     print(f"model: {note}; gallery {args.size:,}; {args.dtype}; concurrency {args.concurrency}")
-    print("| batching | QPS | mean batch | server CPU % | server CPU ms/query | client CPU % |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| search process | batching | QPS | mean batch | server CPU % | of it search process % "
+        "| server CPU ms/query | client CPU % |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {'on' if r['batching'] else 'off'} | {r['qps']} | {r['mean_batch']} | "
-            f"{r['server_cpu_pct']} | {r['server_cpu_ms_per_query']} | {r['client_cpu_pct']} |"
+            f"| {'on' if r['search_process'] else 'off'} | {'on' if r['batching'] else 'off'} "
+            f"| {r['qps']} | {r['mean_batch']} | {r['server_cpu_pct']} | "
+            f"{r['search_process_cpu_pct']} | {r['server_cpu_ms_per_query']} | "
+            f"{r['client_cpu_pct']} |"
         )
-    on, off = rows
-    print(
-        f"batching: {on['qps'] / max(off['qps'], 1e-9):.2f}x the QPS, "
-        f"{off['server_cpu_ms_per_query'] / max(on['server_cpu_ms_per_query'], 1e-9):.2f}x less "
-        f"CPU per query, {on['server_cpu_pct'] / max(off['server_cpu_pct'], 1):.2f}x the CPU use"
-    )
+    for i in range(0, len(rows), 2):
+        on, off = rows[i], rows[i + 1]
+        print(
+            f"search process {'on' if on['search_process'] else 'off'}: batching "
+            f"{on['qps'] / max(off['qps'], 1e-9):.2f}x the QPS, "
+            f"{off['server_cpu_ms_per_query'] / max(on['server_cpu_ms_per_query'], 1e-9):.2f}x "
+            f"less CPU per query, {on['server_cpu_pct'] / max(off['server_cpu_pct'], 1):.2f}x "
+            "the CPU use"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _measure(
+    bs: Any,
+    model: str,
+    args: argparse.Namespace,
+    name: str,
+    queries: list[tuple[bytes, str]],
+    batching: bool,
+    opts: SimpleNamespace,
+    me: psutil.Process,
+) -> dict[str, Any]:
+    """One server (batching on or off), warmed up, then ``args.duration`` s of closed-loop load:
+    QPS and the CPU of the server (its search process included) and of the load generator."""
+    proc, port = bs.start_server(model, args.work_dir, name, batching, opts, args.dtype)
+    try:
+        server = psutil.Process(proc.pid)
+        run = bs.run_load
+        asyncio.run(run(port, queries, args.concurrency, 2.0, 1.0, 10))  # warm up
+        kids = server.children(recursive=True)  # the search process, when there is one
+        s0, k0 = _cpu([server]), _cpu(kids)
+        c0, t0 = _cpu([me]), time.perf_counter()
+        r = asyncio.run(run(port, queries, args.concurrency, args.duration, 0.0, 10))
+        s1, k1 = _cpu([server]), _cpu(kids)
+        c1, t1 = _cpu([me]), time.perf_counter()
+    finally:
+        bs.stop_server(proc)
+    n = max(1, r["requests"])
+    srv = s1 - s0 + k1 - k0
+    cli = c1 - c0
+    return {
+        "search_process": bool(opts.search_process),
+        "batching": batching,
+        "qps": round(r["qps"], 1),
+        "mean_batch": round(r["mean_batch"], 1),
+        "server_cpu_pct": round(100 * srv / (t1 - t0)),
+        "search_process_cpu_pct": round(100 * (k1 - k0) / (t1 - t0)),
+        "server_cpu_ms_per_query": round(1000 * srv / n, 2),
+        "client_cpu_pct": round(100 * cli / (t1 - t0)),
+        "client_cpu_ms_per_query": round(1000 * cli / n, 2),
+        "errors": r["errors"],
+    }
 
 
 if __name__ == "__main__":

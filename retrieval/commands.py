@@ -61,6 +61,11 @@ def train_cmd(
         help="Shapes worlds: render N one-attribute distractors of each train target as extra "
         "negatives (0 = none).",
     ),
+    hard_negative_kinds: str = typer.Option(
+        "any",
+        help="What each rendered distractor changes, per slot, comma-separated: 'any' or "
+        "'+'-joined color/size/shape/cell (e.g. 'cell,any': the first moves an object).",
+    ),
     grad_clip: float = typer.Option(1.0, help="Max grad norm (0 disables)."),
     save_every: int = typer.Option(200, help="Checkpoint every N steps."),
     val_limit: int = typer.Option(500, help="Val triplets per epoch validation (0 = all)."),
@@ -94,6 +99,12 @@ def train_cmd(
     w = tuple(float(x) for x in loss_weights.split(","))
     if len(w) != 3:
         raise typer.BadParameter("--loss-weights needs three numbers: itc,rtc,align")
+    from retrieval.train import parse_hard_negative_kinds
+
+    try:
+        parse_hard_negative_kinds(hard_negative_kinds, 1)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--hard-negative-kinds") from None
     cfg = TrainConfig(
         data=str(data),
         out=str(out),
@@ -110,6 +121,7 @@ def train_cmd(
         reference_negatives=reference_negatives,
         caption_loss=caption_loss,
         hard_negatives=hard_negatives,
+        hard_negative_kinds=hard_negative_kinds,
         grad_clip=grad_clip,
         save_every=save_every,
         val_limit=val_limit,

@@ -40,9 +40,11 @@ def _recipe(cfg: dict[str, Any]) -> str:
         parts.append("batches that keep a reference's edits together")
     k = int(cfg.get("hard_negatives", 0) or 0)
     if k > 0:
+        kinds = str(cfg.get("hard_negative_kinds", "any") or "any")
+        what = "" if kinds == "any" else f", changing {kinds} (`--hard-negative-kinds`)"
         parts.append(
             f"{k} rendered one-attribute distractor{'s' if k > 1 else ''} of every target "
-            "(`--hard-negatives`)"
+            f"(`--hard-negatives`{what})"
         )
     text = ", ".join(parts)
     w = float(cfg.get("caption_loss", 0.0) or 0.0)

@@ -58,6 +58,9 @@ class TrainConfig:
     # captions (shapes worlds: from the scene signatures); 0 = SPRC losses only
     hard_negatives: int = 0  # shapes worlds: render this many one-attribute distractors of
     # each train target (the gallery's near misses, from train scenes only) as extra negatives
+    hard_negative_kinds: str = "any"  # what each of those distractors changes, per slot and
+    # comma-separated ("cell,any": the first moves an object, the second changes anything);
+    # "any" or "+"-joined kinds of color/size/shape/cell; the last entry covers the rest
     grad_clip: float = 1.0  # max global grad norm (0 disables)
     save_every: int = 200  # checkpoint every N steps (and at the end / on the time budget)
     log_every: int = 10  # metrics.jsonl every N steps
@@ -149,9 +152,17 @@ class HardNegativeBank:
     and no eval image is ever trained on, even as a negative; nor a train image's scene."""
 
     def __init__(
-        self, data_dir: Path, triplets: list[Any], k: int, encoder_pre: Any, seed: int
+        self,
+        data_dir: Path,
+        triplets: list[Any],
+        k: int,
+        encoder_pre: Any,
+        seed: int,
+        kinds: str = "any",
     ) -> None:
         from retrieval.data.shapes import render_scene
+
+        slots = parse_hard_negative_kinds(kinds, k)
 
         meta_path = data_dir / "meta.json"
         if not meta_path.is_file():
@@ -185,7 +196,7 @@ class HardNegativeBank:
                     f"--hard-negatives needs scene signatures in the triplets' extra "
                     f"(target_signature); {t.target} has none (only shapes worlds carry them)"
                 )
-            for j, neg in enumerate(self.scenes(t, i, k, seed, heldout, exclude)):
+            for j, neg in enumerate(self.scenes(t, i, k, seed, heldout, exclude, slots)):
                 self.data[i, j] = _uint8_chw(
                     encoder_pre, render_scene(neg, size, (seed, 7919, i, j))
                 )
@@ -201,17 +212,25 @@ class HardNegativeBank:
         seed: int,
         heldout: set[tuple[str, str]],
         exclude: set[str],
+        kinds: list[tuple[str, ...]] | None = None,
     ) -> list[Any]:
-        """Up to ``k`` distinct distractor scenes of triplet ``i``'s target (fewer if none)."""
-        from retrieval.data.shapes import hard_negative, parse_signature, signature
+        """Up to ``k`` distinct distractor scenes of triplet ``i``'s target (fewer if none);
+        the j-th changes one of ``kinds[j]`` (default: any attribute)."""
+        from retrieval.data.shapes import (
+            DISTRACTOR_KINDS,
+            hard_negative,
+            parse_signature,
+            signature,
+        )
 
         sig = triplet.extra["target_signature"]
         scene = parse_signature(sig)
         rng = random.Random(f"{seed}:hard-negative:{i}")
         seen = {sig}
         out = []
-        for _ in range(k):
-            neg = hard_negative(rng, scene, heldout, _AnyOf(exclude, seen))
+        for j in range(k):
+            kind = kinds[j] if kinds else DISTRACTOR_KINDS
+            neg = hard_negative(rng, scene, heldout, _AnyOf(exclude, seen), kinds=kind)
             if neg is None:
                 break
             seen.add(signature(neg))
@@ -222,6 +241,25 @@ class HardNegativeBank:
         """Pixels [len(indices) * k, 3, S, S] (normalised) and their validity mask."""
         idx = torch.tensor(indices)
         return self.normalise(self.data[idx].flatten(0, 1)), self.valid[idx].flatten()
+
+
+def parse_hard_negative_kinds(spec: str, k: int) -> list[tuple[str, ...]]:
+    """``"cell,any"`` -> the attribute kinds each of ``k`` distractor slots may change (the
+    last entry repeats); ValueError naming the bad part."""
+    from retrieval.data.shapes import DISTRACTOR_KINDS
+
+    parts = [p.strip() for p in spec.split(",") if p.strip()] or ["any"]
+    slots = []
+    for p in parts:
+        kinds = DISTRACTOR_KINDS if p == "any" else tuple(x.strip() for x in p.split("+"))
+        bad = [x for x in kinds if x not in DISTRACTOR_KINDS]
+        if bad:
+            raise ValueError(
+                f"hard negative kinds {spec!r}: unknown {bad}; use 'any' or "
+                f"'+'-joined kinds of {', '.join(DISTRACTOR_KINDS)}, comma-separated per slot"
+            )
+        slots.append(kinds)
+    return [slots[min(j, len(slots) - 1)] for j in range(k)]
 
 
 def lr_lambda(step: int, total: int, warmup: float) -> float:
@@ -310,7 +348,9 @@ class Trainer:
         self.bank = ImageBank(data_dir, paths, pre)
         self.hard_bank: HardNegativeBank | None = None
         if cfg.hard_negatives > 0:
-            self.hard_bank = HardNegativeBank(data_dir, triplets, cfg.hard_negatives, pre, cfg.seed)
+            self.hard_bank = HardNegativeBank(
+                data_dir, triplets, cfg.hard_negatives, pre, cfg.seed, cfg.hard_negative_kinds
+            )
         self.steps_per_epoch = len(triplets) // cfg.batch_size
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 

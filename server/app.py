@@ -30,7 +30,7 @@ from server.auth import ApiKeyInterceptor
 from server.config import ServerSettings
 from server.engine import Engine
 from server.metrics import Metrics
-from server.service import SearchService
+from server.service import IO_THREADS, SearchService
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +63,25 @@ def open_served_index(settings: ServerSettings, encoder: Any) -> Any:
         IndexUnavailableError,
         ModelMismatchError,
         open_index,
+        parse_uri,
     )
+    from retrieval.index.process import ProcessIndex
 
+    kwargs: dict[str, Any] = dict(
+        encoder_fingerprint=encoder.fingerprint,
+        force=settings.force,
+        read_only=True,
+        api_key=settings.index_api_key,
+    )
+    in_child = settings.search_process and parse_uri(settings.index)[0] != "qdrant"
+    index: Any
     try:
-        index = open_index(
-            settings.index,
-            settings.name,
-            encoder_fingerprint=encoder.fingerprint,
-            force=settings.force,
-            read_only=True,
-            api_key=settings.index_api_key,
-        )
+        if in_child:
+            index = ProcessIndex(
+                settings.index, settings.name, connections=IO_THREADS + 2, **kwargs
+            )
+        else:
+            index = open_index(settings.index, settings.name, **kwargs)
     except ModelMismatchError as exc:
         raise StartupError(
             f"refusing to start: the index {settings.name!r} at {settings.index} was built by "

@@ -65,6 +65,12 @@ def serve_cmd(
         None, "--force/--no-force", help="Serve even if the index was built by another model."
     ),
     log_format: str | None = typer.Option(None, "--log-format", help="json | text"),
+    search_process: bool | None = typer.Option(
+        None,
+        "--search-process/--no-search-process",
+        help="Search an edge:/local: index in a child process (default on: its engine holds "
+        "the GIL while it searches).",
+    ),
 ) -> None:
     """Serve composed search over a gallery index with gRPC (grpc.aio)."""
     import asyncio
@@ -96,6 +102,7 @@ def serve_cmd(
         refresh_interval_s=refresh_interval_s,
         force=force,
         log_format=log_format,
+        search_process=search_process,
     )
     try:
         settings = load_settings(config, **flags)

@@ -40,6 +40,10 @@ class ServerSettings(BaseSettings):
     force: bool = False  # serve even if the index was built by another encoder (fingerprint)
     index_api_key: str | None = None  # API key of a Qdrant server backend
     image_root: Path | None = None  # base folder for relative payload paths (originals)
+    # edge:/local: indexes: search in a child process. Their engines hold the GIL for a whole
+    # query, which stalls the model and the event loop; a qdrant: server is reached over the
+    # network (no GIL held), so it is always searched in-process
+    search_process: bool = True
 
     # --- network
     host: str = "127.0.0.1"  # bind address ("0.0.0.0" for all interfaces)

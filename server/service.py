@@ -109,6 +109,10 @@ def _rpc(method: str) -> Callable[..., Any]:
     return deco
 
 
+#: Threads that decode images, read files and call the index.
+IO_THREADS = 4
+
+
 class SearchService(pb_grpc.SearchServiceServicer):
     """The servicer. ``engine`` is None until the model and index are loaded."""
 
@@ -118,7 +122,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
         self.engine: Engine | None = None
         self.ready = False
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="cir-infer")
-        self.io_pool = ThreadPoolExecutor(4, thread_name_prefix="cir-io")
+        self.io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cir-io")
         self.batcher = MicroBatcher(
             self._process,
             max_batch=settings.max_batch,

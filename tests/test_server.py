@@ -545,3 +545,46 @@ def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         load_settings(None, tls_cert=cfg)
     with pytest.raises(ValueError):
         load_settings(None, no_such_field=1)
+
+
+# ----------------------------------------------------------------------------- search process
+def test_search_process_owns_the_index_and_survives_its_death(
+    tmp_path: Path, encoder: Any
+) -> None:
+    """By default an Edge index is searched in a child process (its engine holds the GIL while
+    it searches). A killed child costs no failed request: the next call starts a new one."""
+    import os
+    import signal
+
+    import psutil
+
+    from retrieval.index.process import ProcessIndex
+
+    uri, ids = build_gallery(tmp_path, encoder, 8)
+    bg = BackgroundServer(settings(uri), encoder=encoder).start()
+    try:
+        idx = bg.server.service.engine.index
+        assert isinstance(idx, ProcessIndex) and idx.pid is not None
+        first = idx.pid
+        assert psutil.Process(first).ppid() == os.getpid()
+        with CIRClient(bg.target, timeout=20, retries=0) as c:
+            before = c.search("make it red", reference_id=ids[1], top_k=3)
+            os.kill(first, signal.SIGKILL)
+            psutil.Process(first).wait(10)
+            after = c.search("make it red", reference_id=ids[1], top_k=3)
+            assert [h.id for h in after.results] == [h.id for h in before.results]
+            assert c.info().index.count == 8
+        assert idx.restarts == 1 and idx.pid != first
+        second = idx.pid
+    finally:
+        bg.stop()
+    assert not psutil.pid_exists(second) or psutil.Process(second).status() == "zombie"
+    # --no-search-process: the same index, searched in the server's own process
+    bg = BackgroundServer(settings(uri, search_process=False), encoder=encoder).start()
+    try:
+        assert not isinstance(bg.server.service.engine.index, ProcessIndex)
+        with CIRClient(bg.target, timeout=20, retries=0) as c:
+            again = c.search("make it red", reference_id=ids[1], top_k=3)
+        assert [h.id for h in again.results] == [h.id for h in before.results]
+    finally:
+        bg.stop()

@@ -302,6 +302,50 @@ def test_hard_negative_scenes_change_one_attribute() -> None:
     assert hard_negative(random.Random(1), one, exclude=_all_one_edits(one)) is None
 
 
+def test_hard_negative_kinds_choose_what_changes(world: Path) -> None:
+    import random
+
+    from retrieval.data.shapes import hard_negative, parse_signature
+    from retrieval.train import HardNegativeBank, parse_hard_negative_kinds
+
+    scene = parse_signature("0:red-circle-L|4:blue-square-S|8:green-cross-L")
+    for kinds in (("cell",), ("color", "size")):
+        changed = set()
+        for seed in range(60):
+            neg = hard_negative(random.Random(seed), scene, kinds=kinds)
+            assert neg is not None
+            ((a,), (b,)) = (set(scene) - set(neg), set(neg) - set(scene))
+            changed |= {
+                f for f in ("cell", "color", "shape", "size") if getattr(a, f) != getattr(b, f)
+            }
+        assert changed == set(kinds)
+    with pytest.raises(ValueError, match="kinds"):
+        hard_negative(random.Random(0), scene, kinds=("position",))
+    assert parse_hard_negative_kinds("cell,any", 3) == [
+        ("cell",),
+        ("color", "size", "shape", "cell"),
+        ("color", "size", "shape", "cell"),
+    ]
+    assert parse_hard_negative_kinds("color+shape", 2) == [("color", "shape")] * 2
+    with pytest.raises(ValueError, match="unknown \\['rotation'\\]"):
+        parse_hard_negative_kinds("cell,rotation", 2)
+    # the default ("any") draws exactly the distractors it drew before the option existed
+    from retrieval.data.triplets import load_triplets
+
+    trip = load_triplets(world, "train")[:40]
+    for i, tr in enumerate(trip):
+        a = HardNegativeBank.scenes(tr, i, 2, 0, set(), set())
+        b = HardNegativeBank.scenes(tr, i, 2, 0, set(), set(), parse_hard_negative_kinds("any", 2))
+        assert a == b
+        moved = HardNegativeBank.scenes(
+            tr, i, 2, 0, set(), set(), parse_hard_negative_kinds("cell,any", 2)
+        )
+        if moved:
+            target = parse_signature(tr.extra["target_signature"])
+            ((x,), (y,)) = (set(target) - set(moved[0]), set(moved[0]) - set(target))
+            assert x.cell != y.cell and (x.color, x.shape, x.size) == (y.color, y.shape, y.size)
+
+
 def _all_one_edits(scene: tuple) -> set[str]:
     from retrieval.data.shapes import COLOR_NAMES, SHAPES, make_scene, signature
 

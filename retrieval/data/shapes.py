@@ -592,12 +592,19 @@ def _gen_split(
     return rows
 
 
-def _distractor(rng: random.Random, scene: Scene) -> Scene | None:
-    """The scene with exactly one attribute of one object changed (colour/size/shape/position)."""
+#: What a one-attribute distractor may change.
+DISTRACTOR_KINDS = ("color", "size", "shape", "cell")
+
+
+def _distractor(
+    rng: random.Random, scene: Scene, kinds: Sequence[str] = DISTRACTOR_KINDS
+) -> Scene | None:
+    """The scene with exactly one attribute of one object changed (colour/size/shape/position),
+    the attribute drawn from ``kinds``."""
     if not scene:
         return None
     obj = rng.choice(scene)
-    what = rng.choice(("color", "size", "shape", "cell"))
+    what = rng.choice(tuple(kinds))
     if what == "color":
         new = _replace(obj, color=rng.choice([c for c in COLOR_NAMES if c != obj.color]))
     elif what == "size":
@@ -618,15 +625,20 @@ def hard_negative(
     heldout: Iterable[tuple[str, str]] = (),
     exclude: Container[str] = frozenset(),
     tries: int = 16,
+    kinds: Sequence[str] = DISTRACTOR_KINDS,
 ) -> Scene | None:
     """A one-attribute distractor of ``scene`` for training (the kind of near miss the gallery
     holds for every eval target): never a held-out (shape, colour) pair, never a signature in
-    ``exclude`` (e.g. the gallery's), never ``scene`` itself. None when no such scene is found
-    (e.g. an empty scene)."""
+    ``exclude`` (e.g. the gallery's), never ``scene`` itself. ``kinds``: which attributes may
+    change (e.g. ``("cell",)``: the object moves). None when no such scene is found (e.g. an
+    empty scene)."""
+    bad = [k for k in kinds if k not in DISTRACTOR_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"distractor kinds must be among {DISTRACTOR_KINDS}, got {list(kinds)}")
     held = set(heldout)
     own = signature(scene) if scene else ""
     for _ in range(tries):
-        d = _distractor(rng, scene)
+        d = _distractor(rng, scene, kinds)
         if d is None:
             return None
         sig = signature(d)

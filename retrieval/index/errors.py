@@ -36,6 +36,9 @@ class IndexInUseError(GalleryIndexError):
         super().__init__(message)
         self.pid = pid
 
+    def __reduce__(self) -> tuple[type, tuple[str, int | None]]:  # keep pid across processes
+        return (type(self), (str(self), self.pid))
+
 
 class ModelMismatchError(GalleryIndexError):
     """The index was built by another encoder (fingerprint / preset / vector shape differ)."""
