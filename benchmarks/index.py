@@ -125,7 +125,10 @@ def build(uri: str, tokens: np.ndarray, chunk: int = 2000) -> tuple[Any, float]:
     if not uri.startswith("local"):
         if CALIBRATE["on"]:  # what `cir index build` does: measure this version's fast L
             t1 = time.perf_counter()
-            cal = calibrate_fast(idx)
+            real = CALIBRATE.get("queries")  # real query vectors, disjoint from the measured
+            cal = (
+                calibrate_fast(idx, query_vectors=real) if real is not None else calibrate_fast(idx)
+            )
             idx.update_version_meta(str(idx.active_version), {CALIBRATION_KEY: cal})
             CALIBRATE["last"] = {**cal, "calibrate_s": time.perf_counter() - t1}
         idx.close()
@@ -246,7 +249,7 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 SWEEP: dict[str, Any] = {"sizes": [], "ef": ["1"], "rows": [], "modes": ["exact", "fast"]}
-CALIBRATE: dict[str, Any] = {"on": True, "last": None}
+CALIBRATE: dict[str, Any] = {"on": True, "last": None, "queries": None}
 
 
 def _measure(
@@ -457,6 +460,14 @@ def main() -> None:
         action="store_true",
         help="skip the per-version fast-L calibration and its `fast-cal` row",
     )
+    ap.add_argument(
+        "--calibrate-queries",
+        type=int,
+        default=0,
+        help="with real queries: calibrate fast's L on this many further composed queries "
+        "(after the measured --queries-n ones), as `cir index build --calibrate-queries` does, "
+        "instead of the proxy queries",
+    )
     ap.add_argument("--sweep", help="fast prefetch sizes to sweep, e.g. L=500,1000,2000,4000")
     ap.add_argument(
         "--sweep-ef",
@@ -481,7 +492,7 @@ def main() -> None:
                 args.gallery,
                 args.triplets,
                 args.limit,
-                args.queries_n,
+                args.queries_n + args.calibrate_queries,
                 args.cache,
                 args.render,
             )
@@ -491,6 +502,11 @@ def main() -> None:
         label = f"real {tokens.shape[0]}"
         if args.queries:
             qs_real = np.load(args.queries).astype(np.float32)
+        if qs_real is not None and args.calibrate_queries > 0:
+            cal_q = qs_real[args.queries_n : args.queries_n + args.calibrate_queries]
+            if len(cal_q) < args.calibrate_queries:
+                ap.error(f"only {len(qs_real)} real queries for --calibrate-queries")
+            CALIBRATE["queries"] = cal_q / np.linalg.norm(cal_q, axis=1, keepdims=True)
         if qs_real is not None:
             qr = qs_real
             globals()["make_queries"] = lambda t, nq, seed: (

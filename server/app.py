@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -43,6 +44,27 @@ class StartupError(RuntimeError):
     """The server refuses to start (model/index mismatch, missing index, bad TLS files...)."""
 
 
+def uses_search_process(settings: ServerSettings) -> bool:
+    """Whether the served index is searched in a child process (``search_process`` and an
+    ``edge:``/``local:`` index; a ``qdrant:`` server is searched over the network)."""
+    from retrieval.index import parse_uri
+
+    return settings.search_process and parse_uri(settings.index)[0] != "qdrant"
+
+
+def default_threads(settings: ServerSettings) -> int | None:
+    """Torch threads when none are configured: with a search process, one core fewer than
+    torch would take, which the search process needs (on 2 cores at 100k: 224 QPS with 1 torch
+    thread against 179 with 2, docs/benchmarks.md); otherwise torch's default."""
+    import torch
+
+    if settings.num_threads is not None or os.environ.get("CIR_NUM_THREADS"):
+        return settings.num_threads
+    if not uses_search_process(settings):
+        return None
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1))
+
+
 def load_encoder(settings: ServerSettings) -> Any:
     from retrieval.encoder import Encoder
 
@@ -50,7 +72,7 @@ def load_encoder(settings: ServerSettings) -> Any:
         settings.model,
         device=settings.device,
         dtype=settings.dtype,
-        num_threads=settings.num_threads,
+        num_threads=default_threads(settings),
     )
 
 
@@ -63,7 +85,6 @@ def open_served_index(settings: ServerSettings, encoder: Any) -> Any:
         IndexUnavailableError,
         ModelMismatchError,
         open_index,
-        parse_uri,
     )
     from retrieval.index.process import ProcessIndex
 
@@ -73,7 +94,7 @@ def open_served_index(settings: ServerSettings, encoder: Any) -> Any:
         read_only=True,
         api_key=settings.index_api_key,
     )
-    in_child = settings.search_process and parse_uri(settings.index)[0] != "qdrant"
+    in_child = uses_search_process(settings)
     index: Any
     try:
         if in_child:

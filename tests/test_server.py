@@ -548,9 +548,7 @@ def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 # ----------------------------------------------------------------------------- search process
-def test_search_process_owns_the_index_and_survives_its_death(
-    tmp_path: Path, encoder: Any
-) -> None:
+def test_search_process_owns_the_index_and_survives_its_death(tmp_path: Path, encoder: Any) -> None:
     """By default an Edge index is searched in a child process (its engine holds the GIL while
     it searches). A killed child costs no failed request: the next call starts a new one."""
     import os
@@ -588,3 +586,25 @@ def test_search_process_owns_the_index_and_survives_its_death(
         assert [h.id for h in again.results] == [h.id for h in before.results]
     finally:
         bg.stop()
+
+
+def test_default_threads_leave_a_core_to_the_search_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    from server.app import default_threads, uses_search_process
+
+    monkeypatch.delenv("CIR_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert uses_search_process(settings("edge:/x"))
+    assert default_threads(settings("edge:/x")) == 7
+    assert default_threads(settings("local:/x")) == 7
+    assert default_threads(settings("edge:/x", num_threads=3)) == 3  # configured: kept
+    assert default_threads(settings("edge:/x", search_process=False)) is None  # torch default
+    assert not uses_search_process(settings("qdrant:http://127.0.0.1:6333"))
+    assert default_threads(settings("qdrant:http://127.0.0.1:6333")) is None
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert default_threads(settings("edge:/x")) == 1
