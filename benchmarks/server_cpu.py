@@ -143,6 +143,7 @@ def _measure(
     cli = c1 - c0
     return {
         "search_process": bool(opts.search_process),
+        "child_processes": len(kids),
         "batching": batching,
         "qps": round(r["qps"], 1),
         "mean_batch": round(r["mean_batch"], 1),

@@ -96,8 +96,12 @@ def test_server_cpu_benchmark_compares_batching_on_and_off(tmp_path: Path) -> No
     args += ["--data", str(world)]
     res = _run("server_cpu.py", args, out, timeout=600)
     rows = json.loads(out.read_text())
-    assert [r["batching"] for r in rows] == [True, False]
+    modes = [(r["search_process"], r["batching"]) for r in rows]
+    assert modes == [(True, True), (True, False), (False, True), (False, False)]
     for r in rows:
         assert r["qps"] > 0 and r["server_cpu_ms_per_query"] > 0 and r["server_cpu_pct"] > 0
-    assert rows[1]["mean_batch"] == 1.0  # batching off really is batch 1
-    assert "batching:" in res.stdout and "x the QPS" in res.stdout
+        assert not r["errors"]
+        # the search process exists (and its CPU counts as the server's) only when asked for
+        assert r["child_processes"] == (1 if r["search_process"] else 0)
+    assert rows[1]["mean_batch"] == rows[3]["mean_batch"] == 1.0  # batching off is batch 1
+    assert "search process on: batching" in res.stdout and "x the QPS" in res.stdout
