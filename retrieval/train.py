@@ -163,7 +163,6 @@ class HardNegativeBank:
         from retrieval.data.shapes import render_scene
 
         slots = parse_hard_negative_kinds(kinds, k)
-
         meta_path = data_dir / "meta.json"
         if not meta_path.is_file():
             raise ValueError(f"--hard-negatives needs a shapes world (no {meta_path})")

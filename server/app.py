@@ -58,10 +58,8 @@ def default_threads(settings: ServerSettings) -> int | None:
     thread against 179 with 2, docs/benchmarks.md); otherwise torch's default."""
     import torch
 
-    if settings.num_threads is not None or os.environ.get("CIR_NUM_THREADS"):
-        return settings.num_threads
-    if not uses_search_process(settings):
-        return None
+    if settings.num_threads is not None or not uses_search_process(settings):
+        return settings.num_threads  # configured (flag, CIR_NUM_THREADS, file), or torch's
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1))
 
 

@@ -54,10 +54,7 @@ _ALLOWED = frozenset(
         "refresh",
         "active_version",
         "meta",
-        "name",
         "backend",
-        "uri",
-        "read_only",
         "versions",
     }
 )
@@ -364,14 +361,7 @@ class ProcessIndex:
         return f"ProcessIndex({self._uri!r}, {self._name!r}, pid={self.pid})"
 
 
-def open_index_in_process(
-    uri: str, name: str = "gallery", *, connections: int = 4, **open_kwargs: Any
-) -> ProcessIndex:
-    """:func:`retrieval.index.open_index` in a child process (see :class:`ProcessIndex`)."""
-    return ProcessIndex(uri, name, connections=connections, **open_kwargs)
-
-
-__all__ = ["ProcessIndex", "open_index_in_process"]
+__all__ = ["ProcessIndex"]
 
 if __name__ == "__main__":
     _child_main([int(a) for a in sys.argv[1:]])
