@@ -47,6 +47,10 @@ DEMO_MODEL = ROOT / "models" / "sprc-shapes"
 TEXTS = ["make it red", "same but larger", "with a white circle", "darker and smaller", "blue"]
 
 
+#: server stages reported per response (`Timings`), in request order
+STAGES = ("queue", "decode", "reference", "encode", "search")
+
+
 def pick_model(arg: str | None) -> tuple[str, str]:
     if arg:
         return arg, f"{arg} (given)"
@@ -297,6 +301,7 @@ async def run_load(
 
     lat: list[float] = []
     batch_sizes: list[int] = []
+    stages: list[tuple[float, ...]] = []  # the server's own timings of each measured response
     errors: dict[str, int] = {}
     async with grpc.aio.insecure_channel(
         f"127.0.0.1:{port}",
@@ -334,6 +339,10 @@ async def run_load(
                 if t_measure <= t1 <= t_end:  # completions inside the measured window
                     lat.append(t1 - t0)
                     batch_sizes.append(resp.timings.batch_size)
+                    tm = resp.timings
+                    stages.append(
+                        (tm.queue_ms, tm.decode_ms, tm.reference_ms, tm.encode_ms, tm.search_ms)
+                    )
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
     arr = np.asarray(lat) * 1000.0
@@ -343,6 +352,13 @@ async def run_load(
         "p50_ms": float(np.percentile(arr, 50)) if len(arr) else float("nan"),
         "p99_ms": float(np.percentile(arr, 99)) if len(arr) else float("nan"),
         "mean_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
+        # mean ms per request of each server stage (a batch's encode/search time is every
+        # member's): where a request's latency goes
+        "stage_ms": (
+            dict(zip(STAGES, np.mean(np.asarray(stages), axis=0).round(2).tolist(), strict=True))
+            if stages
+            else {}
+        ),
         "errors": errors,
     }
 
@@ -456,6 +472,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['concurrency']} | "
             f"{r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | "
             f"{sum(r['errors'].values()) if r['errors'] else 0} |"
+        )
+    print()
+    print("Mean ms per request of each server stage (`SearchResponse.timings`; a batch's")
+    print("reference/encode/search time is each of its members' time):")
+    print("| gallery | dtype | batching | concurrency | " + " | ".join(STAGES) + " |")
+    print("|---:|:---:|:---:|---:|" + "---:|" * len(STAGES))
+    for r in rows:
+        st = r["stage_ms"]
+        print(
+            f"| {r['gallery']:,} | {r['dtype']} | {'on' if r['batching'] else 'off'} | "
+            f"{r['concurrency']} | " + " | ".join(f"{st.get(k, 0.0):.1f}" for k in STAGES) + " |"
         )
     for n in sizes:
         for dtype in args.dtypes.split(","):

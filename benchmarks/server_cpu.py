@@ -153,6 +153,7 @@ def _measure(
         "client_cpu_pct": round(100 * cli / (t1 - t0)),
         "client_cpu_ms_per_query": round(1000 * cli / n, 2),
         "errors": r["errors"],
+        "stage_ms": r["stage_ms"],  # where a request's latency goes (server's own timings)
     }
 
 

@@ -103,5 +103,42 @@ def test_server_cpu_benchmark_compares_batching_on_and_off(tmp_path: Path) -> No
         assert not r["errors"]
         # the search process exists (and its CPU counts as the server's) only when asked for
         assert r["child_processes"] == (1 if r["search_process"] else 0)
+        # every request reports its server stages; a reference image is decoded and encoded
+        assert set(r["stage_ms"]) == {"queue", "decode", "reference", "encode", "search"}
+        assert r["stage_ms"]["encode"] > 0 and r["stage_ms"]["search"] > 0
     assert rows[1]["mean_batch"] == rows[3]["mean_batch"] == 1.0  # batching off is batch 1
     assert "search process on: batching" in res.stdout and "x the QPS" in res.stdout
+
+
+def test_search_batch_benchmark_compares_edge_and_ram(tmp_path: Path) -> None:
+    import numpy as np
+
+    from retrieval.data.shapes import ShapesConfig, generate
+    from retrieval.index import open_index
+
+    world = tmp_path / "world"  # composed test queries (a fresh clone has no data/)
+    cfg = ShapesConfig(seed=1, train=64, val=8, test=24, test_unseen=8, gallery=60, workers=1)
+    generate(cfg, world, overwrite=True)
+    rng = np.random.default_rng(0)
+    toks = rng.normal(size=(300, 16, 256)).astype(np.float32)
+    toks /= np.linalg.norm(toks, axis=-1, keepdims=True)
+    idx = open_index(f"edge:{tmp_path / 'ix'}", "g", encoder_fingerprint="fp", preset="sprc-small")
+    idx.upsert([f"p{i}" for i in range(300)], toks)
+    idx.close()
+    out = tmp_path / "sb.json"
+    args = ["--index", f"edge:{tmp_path / 'ix'}", "--name", "g", "--model", "sprc-small"]
+    args += ["--data", str(world), "--queries", "8", "--skip", "0", "--batches", "1,4"]
+    args += ["--limit", "299", "--rescore", "300", "--repeat", "1"]
+    res = _run("search_batch.py", args, out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["search"], r["batch"]) for r in rows] == [
+        ("edge", 1),
+        ("edge", 4),
+        ("ram", 1),
+        ("ram", 4),
+    ]
+    # 300 points: the index searches exactly; the RAM search shortlists all but one image and
+    # rescores every candidate in float32, so both find the exact top 10
+    assert all(r["recall@10"] >= 0.98 and r["ms_per_query"] > 0 for r in rows)
+    assert rows[0]["ratio"] == 1.0
+    assert "| ram | 4 |" in res.stdout
