@@ -35,20 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def composed_queries(model: str, data: Path, skip: int, count: int) -> np.ndarray:
-    """[count, D] composed query vectors of test triplets ``skip .. skip + count``."""
-    from PIL import Image
-
-    from retrieval.data.triplets import load_triplets, resolve_path
-    from retrieval.encoder import Encoder
-
-    encoder = Encoder.from_pretrained(model)
-    rows = load_triplets(data, "test")[skip : skip + count]
-    if len(rows) < count:
-        raise SystemExit(f"only {len(rows)} test triplets after the first {skip} in {data}")
-    images = [Image.open(resolve_path(data, t.reference)).convert("RGB") for t in rows]
-    return np.asarray(encoder.encode_queries(images, [t.caption for t in rows]), np.float32)
+from benchmarks.server import calibration_queries  # noqa: E402
 
 
 def load_vectors(idx: Any) -> tuple[list[str], torch.Tensor]:
@@ -87,7 +74,7 @@ class RamSearch:
 
 
 def timed(fn: Any, qs: np.ndarray, batch: int, repeat: int) -> tuple[float, list[list[Any]]]:
-    """Mean ms per query over ``repeat`` passes (after one warm-up pass) and the last results."""
+    """Best ms per query over ``repeat`` passes (after one warm-up batch) and the last results."""
     results: list[list[Any]] = []
     fn(qs[:batch])
     best = float("inf")
@@ -117,14 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # as the server's search process: one core
 
+    from retrieval.encoder import Encoder
     from retrieval.index import open_index
-    from retrieval.index.common import CALIBRATION_KEY
+    from retrieval.index.common import CALIBRATION_KEY, fast_plan
 
-    qs = composed_queries(args.model, args.data, args.skip, args.queries)
+    encoder = Encoder.from_pretrained(args.model)
+    qs = calibration_queries(args.data, encoder, args.skip, args.queries).astype(np.float32)
     idx = open_index(args.index, args.name, read_only=True)
     meta = idx.meta
     cal = meta.extra.get(CALIBRATION_KEY) if meta else None
-    limit = args.limit or int((cal or {}).get("L") or 1000)
+    # the L the index's own `fast` search uses for top 10 (its calibration, else its table)
+    limit = args.limit or fast_plan(10, 0, {}, idx.count(), cal)[0]
     t0 = time.perf_counter()
     ids, tokens = load_vectors(idx)
     load_s = time.perf_counter() - t0
