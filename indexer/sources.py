@@ -56,6 +56,7 @@ class Collection:
     items: list[Item]  # sorted by relpath, unique relpaths
     fields: dict[str, str]  # declared filterable fields -> type
     ignored: int = 0  # files with other extensions (folder input)
+    ignored_paths: list[str] = field(default_factory=list)  # their relative paths, sorted
     warnings: list[str] = field(default_factory=list)  # metadata values that did not convert
     source_id: str = ""  # identifies the source for resume (resolved folder/manifest path)
     kind: str = "folder"  # "folder" | "jsonl" | "csv" | "parquet"
@@ -187,21 +188,28 @@ def read_folder(root: Path) -> Collection:
         raise SourceError(f"{root} is not a folder")
     base = root.resolve()
     items: list[Item] = []
-    ignored = 0
+    ignored: list[str] = []
     for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
         dirnames.sort()
         for name in filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]:
             full = Path(dirpath) / name
             if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored += 1
+                ignored.append(full.relative_to(base).as_posix())
                 continue
             if full.is_dir():  # a symlink to a folder named like an image: not followed
-                ignored += 1
+                ignored.append(full.relative_to(base).as_posix())
                 continue
             rel = full.relative_to(base).as_posix()
             items.append(Item(relpath=rel, location=str(full), path=str(full)))
     items.sort(key=lambda it: it.relpath)
-    return Collection(items=items, fields={}, ignored=ignored, source_id=str(base), kind="folder")
+    return Collection(
+        items=items,
+        fields={},
+        ignored=len(ignored),
+        ignored_paths=sorted(ignored),
+        source_id=str(base),
+        kind="folder",
+    )
 
 
 # ----------------------------------------------------------------------------- manifests
