@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from retrieval.imageio import IMAGE_EXTENSIONS
+
 logger = logging.getLogger(__name__)
 
-# Image types offered by the uploader; the server decodes more, but these cover the usual.
-UPLOAD_TYPES: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
+# Image types offered by the uploader: the formats the indexer reads too (one list).
+UPLOAD_TYPES: tuple[str, ...] = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 MAX_UPLOAD_PIXELS = 64_000_000  # refuse decompression bombs before sending anything
 
 

@@ -17,15 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retrieval.imageio import IMAGE_EXTENSIONS as _READABLE
+from retrieval.index.api import USER_ID_KEY
+
 logger = logging.getLogger(__name__)
 
 #: Extensions a folder walk picks up (case-insensitive); anything else is counted as ignored.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+#: The same list as the UI's uploader (retrieval.imageio.IMAGE_EXTENSIONS).
+IMAGE_EXTENSIONS = frozenset(_READABLE)
 FIELD_TYPES = ("keyword", "integer", "float", "bool")
-#: Payload keys written by the indexer; manifest columns may not use them.
+#: Payload keys written by the indexer; manifest columns may not use them (``user_id`` only as
+#: the ``--id-column`` itself).
 RESERVED_KEYS = frozenset(
-    {"path", "relpath", "sha256", "width", "height", "bytes", "mime", "thumbnail"}
+    {"path", "relpath", "sha256", "width", "height", "bytes", "mime", "thumbnail", USER_ID_KEY}
 )
+#: The manifest column taken as the user's id when ``--id-column`` is not given (if present).
+DEFAULT_ID_COLUMN = "id"
+#: ``Collection.id_source`` of a collection whose user ids are the relative paths.
+ID_FROM_PATH = "relpath"
+#: Clashing ids named in the error message (the rest are counted).
+MAX_CLASHES_SHOWN = 5
 #: Sidecar of a manifest declaring its fields: ``<manifest>.fields.json`` = {"name": "type"}.
 SIDECAR_SUFFIX = ".fields.json"
 #: A JSONL manifest may start with a header line ``{"_fields": {"name": "type", ...}}``.
@@ -47,6 +58,11 @@ class Item:
     path: str  # what the payload's ``path`` shows (absolute path, or the manifest's URI/path)
     meta: dict[str, Any] = field(default_factory=dict)  # manifest metadata (typed), payload
     problem: str | None = None  # a reason to skip it without reading (e.g. "unsupported-uri")
+    user_id: str = ""  # the user's own id (id column, else relpath); payload ``user_id``
+
+    def __post_init__(self) -> None:
+        if not self.user_id:  # frozen: set through object.__setattr__
+            object.__setattr__(self, "user_id", self.relpath)
 
 
 @dataclass
@@ -60,6 +76,7 @@ class Collection:
     warnings: list[str] = field(default_factory=list)  # metadata values that did not convert
     source_id: str = ""  # identifies the source for resume (resolved folder/manifest path)
     kind: str = "folder"  # "folder" | "jsonl" | "csv" | "parquet"
+    id_source: str = ID_FROM_PATH  # where user ids come from: "relpath" or "column:NAME"
 
 
 # ----------------------------------------------------------------------------- fields
@@ -296,13 +313,54 @@ def _rows_parquet(path: Path) -> tuple[list[dict[str, Any]], dict[str, str], lis
 _URI_SCHEMES = ("http://", "https://", "s3://", "gs://", "az://", "hf://")
 
 
+def _id_text(value: Any) -> str:
+    """A manifest cell as a user id (``17`` and ``17.0`` both read as "17")."""
+    if value is None or isinstance(value, bool):
+        return "" if value is None else str(value).lower()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return ""
+        if value.is_integer():
+            return str(int(value))
+    if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalar
+        return _id_text(value.item())
+    return str(value).strip()
+
+
+def check_unique_ids(items: Sequence[Item], where: str) -> None:
+    """Every item's user id is its own: a clash is a SourceError naming the ids and paths."""
+    by_id: dict[str, list[str]] = {}
+    for it in items:
+        by_id.setdefault(it.user_id, []).append(it.relpath)
+    clashes = {uid: paths for uid, paths in by_id.items() if len(paths) > 1}
+    if not clashes:
+        return
+    shown = sorted(clashes)[:MAX_CLASHES_SHOWN]
+    named = "; ".join(
+        f"{uid!r} ({len(clashes[uid])} rows: {', '.join(clashes[uid][:3])}"
+        f"{', ...' if len(clashes[uid]) > 3 else ''})"
+        for uid in shown
+    )
+    more = f" and {len(clashes) - len(shown)} more" if len(clashes) > len(shown) else ""
+    raise SourceError(
+        f"{where}: {len(clashes)} user id(s) name more than one image: {named}{more}. "
+        "Ids must be unique within the collection: fix the manifest, or pick another column "
+        "with --id-column"
+    )
+
+
 def read_manifest(
     path: Path,
     fmt: str = "auto",
     path_column: str = "path",
     fields: Mapping[str, str] | None = None,
+    id_column: str | None = None,
 ) -> Collection:
     """Rows with a path column; every other column becomes payload metadata.
+
+    The user's id of each row is the ``id_column`` (default: the ``id`` column when the
+    manifest has one, else the path as given); it must be unique, and every row must have one
+    (``SourceError`` naming the clashing ids or the rows without one).
 
     Field declarations: the manifest's header (JSONL ``_fields`` line, CSV ``name:type``
     header cells, Parquet ``cir.fields`` schema metadata), a ``<manifest>.fields.json``
@@ -331,16 +389,33 @@ def read_manifest(
     for name in declared:
         _check_field_name(name)
     base = path.resolve().parent
+    columns = {k for row in rows for k in row}
+    if id_column is not None and id_column not in columns:
+        raise SourceError(
+            f"manifest {path} has no column {id_column!r} (--id-column); its columns: "
+            f"{', '.join(sorted(columns)) or 'none'}"
+        )
+    if id_column is None and DEFAULT_ID_COLUMN in columns:
+        id_column = DEFAULT_ID_COLUMN
+    if id_column == path_column:
+        id_column = None  # the path as given is the id anyway
     by_rel: dict[str, Item] = {}
+    no_id: list[str] = []
     for n, row in enumerate(rows):
         raw = row.get(path_column)
         if raw is None or str(raw).strip() == "":
             warnings.append(f"row {n}: no {path_column!r} value; row ignored")
             continue
         given = str(raw).strip()
+        user_id = given
+        if id_column is not None:
+            user_id = _id_text(row.get(id_column))
+            if not user_id:
+                no_id.append(given)
+                continue
         meta: dict[str, Any] = {}
         for key, value in row.items():
-            if key == path_column:
+            if key == path_column or (key == USER_ID_KEY and key == id_column):
                 continue
             if key in RESERVED_KEYS or key.startswith("_"):
                 raise SourceError(
@@ -366,15 +441,28 @@ def read_manifest(
         if given in by_rel:
             warnings.append(f"{given}: listed twice in the manifest; the last row wins")
         by_rel[given] = Item(
-            relpath=given, location=location, path=given, meta=meta, problem=problem
+            relpath=given,
+            location=location,
+            path=given,
+            meta=meta,
+            problem=problem,
+            user_id=user_id,
+        )
+    if no_id:
+        raise SourceError(
+            f"manifest {path}: {len(no_id)} row(s) have no value in the id column "
+            f"{id_column!r}: {', '.join(no_id[:MAX_CLASHES_SHOWN])}"
+            f"{', ...' if len(no_id) > MAX_CLASHES_SHOWN else ''}"
         )
     items = sorted(by_rel.values(), key=lambda it: it.relpath)
+    check_unique_ids(items, f"manifest {path}")
     return Collection(
         items=items,
         fields=dict(declared),
         warnings=warnings,
         source_id=str(path.resolve()),
         kind=kind,
+        id_source=ID_FROM_PATH if id_column is None else f"column:{id_column}",
     )
 
 
@@ -383,13 +471,20 @@ def read_source(
     manifest_format: str = "auto",
     path_column: str = "path",
     fields: Mapping[str, str] | None = None,
+    id_column: str | None = None,
 ) -> Collection:
-    """A folder or a manifest file, by what ``source`` is."""
+    """A folder (user ids: the relative paths) or a manifest file (user ids: ``id_column``,
+    default ``id`` when present), by what ``source`` is."""
     source = Path(source)
     if source.is_dir():
+        if id_column is not None:
+            raise SourceError(
+                f"--id-column {id_column!r} applies to manifests; the images of folder {source} "
+                "are known by their paths relative to it"
+            )
         col = read_folder(source)
         col.fields = dict(fields or {})
         return col
     if source.is_file():
-        return read_manifest(source, manifest_format, path_column, fields)
+        return read_manifest(source, manifest_format, path_column, fields, id_column)
     raise SourceError(f"{source} is neither a folder of images nor a manifest file")

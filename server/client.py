@@ -2,9 +2,9 @@
 
     from server.client import CIRClient
     with CIRClient("127.0.0.1:50051", api_key="...") as c:
-        res = c.search("make it red", reference_id="img-001", top_k=5)
+        res = c.search("make it red", reference_id="img-001", top_k=5)  # point or user id
         for hit in res.results:
-            print(hit.rank, hit.id, hit.score, hit.payload)
+            print(hit.rank, hit.user_id, hit.id, hit.score, hit.payload)
         data, mime = c.get_image(res.results[0].id)               # thumbnail
         page = c.list_images(page_size=20, offset=0)              # (items, next_offset, total)
 
@@ -61,12 +61,15 @@ ImageKind = Literal["thumbnail", "original"]
 # ------------------------------------------------------------------------------ result types
 @dataclass(frozen=True)
 class Hit:
-    """One ranked gallery item."""
+    """One ranked gallery item. Two ids: ``id`` is the point id (the index's own uuid),
+    ``user_id`` the user's own id (manifest id column or relative path; "" when the item was
+    indexed without one). Both are accepted as ``reference_id`` and by ``get_image``."""
 
-    id: str  # gallery id
+    id: str  # point id
     score: float  # MaxSim score, higher is better
     rank: int  # 1-based absolute rank (offset included)
     payload: dict[str, Any] = field(default_factory=dict)  # stored payload without `thumbnail`
+    user_id: str = ""  # the user's own id of the item
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,14 @@ class ServerInfo:
 class ImageItem:
     """A gallery item as listed by ``list_images``."""
 
-    id: str
+    id: str  # point id
     payload: dict[str, Any] = field(default_factory=dict)  # without `thumbnail`
+
+    @property
+    def user_id(self) -> str:
+        """The user's own id (payload ``user_id``; "" when absent or not listed)."""
+        value = self.payload.get("user_id")
+        return value if isinstance(value, str) else ""
 
 
 class ImagePage(NamedTuple):
@@ -314,7 +323,8 @@ class CIRClient:
             "reference_cached": float(t.reference_cached),
         }
         hits = [
-            Hit(h.id, float(h.score), int(h.rank), struct_to_dict(h.payload)) for h in resp.results
+            Hit(h.id, float(h.score), int(h.rank), struct_to_dict(h.payload), h.user_id)
+            for h in resp.results
         ]
         return SearchResult(
             hits, resp.index_version, resp.encoder_fingerprint, timings, resp.request_id
@@ -334,7 +344,8 @@ class CIRClient:
         timeout: float | None = None,
     ) -> SearchResult:
         """Composed search. ``reference_image``: encoded bytes or a local file path (read here);
-        ``reference_id``: a gallery id; neither: text-only. ``filter``: a dict or a JSON text."""
+        ``reference_id``: a point id or a user id; neither: text-only. ``filter``: a dict or a
+        JSON text."""
         req = self._search_request(
             text, reference_image, reference_id, top_k, offset, filter, mode, include_payload
         )
@@ -372,7 +383,8 @@ class CIRClient:
     def get_image(
         self, id: str, kind: ImageKind = "thumbnail", timeout: float | None = None
     ) -> tuple[bytes, str]:
-        """A gallery item's thumbnail or original image: ``(bytes, mime_type)``."""
+        """A gallery item's thumbnail or original image: ``(bytes, mime_type)``. ``id``: a
+        point id or a user id."""
         if kind not in KINDS:
             raise InvalidArgumentError(
                 grpc.StatusCode.INVALID_ARGUMENT,

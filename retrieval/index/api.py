@@ -31,6 +31,10 @@ MAX_TOP_K = 1000
 AUTO_FAST_MIN_POINTS = 20_000
 #: Payload key holding the caller's string id (Qdrant point ids must be uuid or int).
 ID_KEY = "_id"
+#: Payload key holding the user's own id of an image (a manifest's id column or the file's
+#: relative path, written by the indexer). Every version gets a keyword payload index on it,
+#: so :meth:`IndexView.find_by_user_id` is an index lookup, not a scan.
+USER_ID_KEY = "user_id"
 
 #: What payload to return from ``scroll``/``get``/``sample``: ``True`` (all), ``False`` (none),
 #: a list of keys to include (``["path", "category"]``), or ``{"exclude": ["thumbnail"]}`` (all
@@ -197,6 +201,14 @@ class IndexView(abc.ABC):
         ``{"exclude": ["thumbnail"]}``. ``with_vectors=True`` fills ``Record.tokens``.
         Points written during a scroll may or may not be seen; none is returned twice.
         """
+
+    @abc.abstractmethod
+    def find_by_user_id(
+        self, user_id: str, limit: int = 2, with_payload: PayloadSelector = True
+    ) -> list[Record]:
+        """Points whose payload ``user_id`` (:data:`USER_ID_KEY`) equals ``user_id``: at most
+        ``limit`` of them, by point id (ask for 2 to tell a unique id from a clash). Uses the
+        keyword payload index every version has on that key."""
 
     def iter_records(
         self,

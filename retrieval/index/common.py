@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.index.api import FIELD_TYPES, ID_KEY, MAX_TOP_K, SEARCH_MODES, FieldType
+from retrieval.index.api import (
+    FIELD_TYPES,
+    ID_KEY,
+    MAX_TOP_K,
+    SEARCH_MODES,
+    USER_ID_KEY,
+    FieldType,
+)
 from retrieval.index.errors import InvalidFilterError, InvalidQueryError, ModelMismatchError
 
 #: Namespace of the uuid5 point ids made from caller ids that are not uuids.
@@ -229,6 +236,13 @@ def parse_filter(flt: Mapping[str, Any] | None, fields: Mapping[str, str]) -> li
         else:
             conds.append(_eq(key, ftype, spec))
     return conds
+
+
+def user_id_condition(user_id: str) -> Condition:
+    """The condition of a user-id lookup (on :data:`USER_ID_KEY`, declared or not)."""
+    if not isinstance(user_id, str) or not user_id:
+        raise InvalidQueryError(f"user_id must be a non-empty string, got {user_id!r}")
+    return Condition(USER_ID_KEY, "eq", user_id)
 
 
 def _eq(key: str, ftype: str, v: Any) -> Condition:

@@ -22,6 +22,7 @@ import numpy as np
 from retrieval.index import common
 from retrieval.index.api import (
     ID_KEY,
+    USER_ID_KEY,
     FieldType,
     Filter,
     GalleryIndex,
@@ -143,6 +144,12 @@ class _Shard:
                 self.shard = q.EdgeShard.load(str(self.path))
             else:
                 self.shard = q.EdgeShard.create(str(self.path), shard_config(self.meta, options))
+                if self.meta.fields.get(USER_ID_KEY) != "keyword":  # the user-id lookup
+                    self.shard.update(
+                        q.UpdateOperation.create_field_index(
+                            USER_ID_KEY, q.PayloadSchemaType.Keyword
+                        )
+                    )
                 for fname, ftype in self.meta.fields.items():
                     schema = getattr(q.PayloadSchemaType, _SCHEMA[ftype])
                     self.shard.update(q.UpdateOperation.create_field_index(fname, schema))
@@ -461,6 +468,15 @@ class _EdgeOps:
         common.payload_spec(with_payload)
         with self._use() as sh:
             return sh.sample(n, with_payload)
+
+    def find_by_user_id(
+        self, user_id: str, limit: int = 2, with_payload: PayloadSelector = True
+    ) -> list[Record]:
+        cond = common.user_id_condition(user_id)
+        common.check_count(limit, "limit")
+        common.payload_spec(with_payload)
+        with self._use() as sh:
+            return sh.scroll(limit, None, with_payload, False, [cond])[0]
 
 
 class EdgeVersionHandle(_EdgeOps, VersionHandle):

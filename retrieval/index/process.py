@@ -45,6 +45,7 @@ _ALLOWED = frozenset(
         "search",
         "search_batch",
         "get",
+        "find_by_user_id",
         "count",
         "declared_fields",
         "iter_records",
@@ -286,6 +287,12 @@ class ProcessIndex:
         self, ids: Sequence[str], with_vectors: bool = False, with_payload: PayloadSelector = True
     ) -> list[Record]:
         recs: list[Record] = self._call("call", "get", list(ids), with_vectors, with_payload)
+        return recs
+
+    def find_by_user_id(
+        self, user_id: str, limit: int = 2, with_payload: PayloadSelector = True
+    ) -> list[Record]:
+        recs: list[Record] = self._call("call", "find_by_user_id", user_id, limit, with_payload)
         return recs
 
     def count(self, filter: Filter | None = None) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 from retrieval.index import common
 from retrieval.index.api import (
     ID_KEY,
+    USER_ID_KEY,
     FieldType,
     Filter,
     GalleryIndex,
@@ -375,6 +376,16 @@ class _ClientOps:
         t = self._target()
         with self._guarded():
             return t.sample(n, with_payload)
+
+    def find_by_user_id(
+        self, user_id: str, limit: int = 2, with_payload: PayloadSelector = True
+    ) -> list[Record]:
+        cond = common.user_id_condition(user_id)
+        common.check_count(limit, "limit")
+        common.payload_spec(with_payload)
+        t = self._target()
+        with self._guarded():
+            return t.scroll(limit, None, with_payload, False, [cond])[0]
 
 
 class QdrantVersionHandle(_ClientOps, VersionHandle):
@@ -741,7 +752,8 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
             "float": m.PayloadSchemaType.FLOAT,
             "bool": m.PayloadSchemaType.BOOL,
         }
-        for fname, ftype in meta.fields.items():
+        indexes = {USER_ID_KEY: "keyword", **meta.fields}  # user_id: the user-id lookup
+        for fname, ftype in indexes.items():
             self._call(
                 self.client.create_payload_index, coll, fname, field_schema=schema[ftype], wait=True
             )
