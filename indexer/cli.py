@@ -56,6 +56,12 @@ def register(app: typer.Typer) -> None:
             "auto", "--manifest-format", help="auto, jsonl, csv, parquet"
         ),
         path_column: str = typer.Option("path", "--path-column", help="manifest path column"),
+        id_column: str | None = typer.Option(
+            None,
+            "--id-column",
+            help="manifest column of the images' own ids (unique; default: `id` when the "
+            "manifest has one, else the path); a folder's ids are the relative paths",
+        ),
         field: list[str] = typer.Option(
             [], "--field", help="filterable field NAME:TYPE (keyword, integer, float, bool)"
         ),
@@ -110,6 +116,7 @@ def register(app: typer.Typer) -> None:
                 model=model,
                 manifest_format=manifest_format,
                 path_column=path_column,
+                id_column=id_column,
                 fields=parse_field_specs(field),
                 batch_size=batch_size,
                 workers=workers,

@@ -134,10 +134,12 @@ class ImageDataset:
             with open(item.location, "rb") as f:
                 data = f.read(MAX_FILE_BYTES + 1)
         except OSError as exc:  # missing, dangling symlink, a directory, permission
-            reason = "unreadable"
-            return Decoded(index, reason=reason, detail=f"{type(exc).__name__}: {exc}"), None
+            # the OS's words ("No such file or directory"), not the exception's repr
+            why = exc.strerror or type(exc).__name__
+            return Decoded(index, reason="unreadable", detail=f"cannot open the file: {why}"), None
         if len(data) > MAX_FILE_BYTES:
-            return Decoded(index, reason="too-large", detail=f"> {MAX_FILE_BYTES} bytes"), None
+            detail = f"the file is larger than {MAX_FILE_BYTES:,} bytes"
+            return Decoded(index, reason="too-large", detail=detail), None
         sha = hashlib.sha256(data).hexdigest()
         out = Decoded(index, id=image_id(sha), sha256=sha)
         t1 = time.perf_counter()
@@ -157,6 +159,7 @@ class ImageDataset:
         out.payload = {
             "path": item.path,
             "relpath": item.relpath,
+            "user_id": item.user_id,
             "sha256": sha,
             "width": image.width,
             "height": image.height,

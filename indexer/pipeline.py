@@ -28,6 +28,7 @@ import numpy as np
 from indexer.decode import DecodedBatch, ImageDataset, PresentSet, collate, worker_init
 from indexer.report import Report, write_json_atomic
 from indexer.sources import (
+    ID_FROM_PATH,
     RESERVED_KEYS,
     Collection,
     parse_shard,
@@ -36,6 +37,7 @@ from indexer.sources import (
     shard_of,
 )
 from indexer.store import open_version, resume_candidates, sample_ids, scroll, verify_view
+from retrieval.index.api import USER_ID_KEY
 
 if TYPE_CHECKING:
     from retrieval.encoder import Encoder
@@ -63,6 +65,7 @@ class BuildConfig:
     model: str = "sprc-small"  # checkpoint folder or preset
     manifest_format: str = "auto"  # auto | jsonl | csv | parquet
     path_column: str = "path"  # manifest column holding the image path/URI
+    id_column: str | None = None  # manifest column of the user's ids (None: `id` if present)
     fields: dict[str, str] = field(default_factory=dict)  # declared filterable fields -> type
     batch_size: int = 64  # images per encoder batch
     workers: int = 2  # DataLoader worker processes (0: decode in the main process)
@@ -175,13 +178,23 @@ def build_key(cfg: BuildConfig, col: Collection, fingerprint: str, fields: dict[
         "name": cfg.name,
         "path_column": cfg.path_column,
     }
+    if col.id_source != ID_FROM_PATH:  # other ids make another build
+        ident["id_source"] = col.id_source
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _meta_of(payload: dict[str, Any]) -> str:
+    """The part of a payload an incremental run compares: metadata and the user's id."""
     return json.dumps(
-        {k: v for k, v in payload.items() if k not in RESERVED_KEYS}, sort_keys=True, default=str
+        {k: v for k, v in payload.items() if k not in RESERVED_KEYS or k == USER_ID_KEY},
+        sort_keys=True,
+        default=str,
     )
+
+
+def _meta_of_item(item: Any) -> str:
+    """``_meta_of`` of the payload ``item`` would get."""
+    return _meta_of({**item.meta, USER_ID_KEY: item.user_id})
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -244,7 +257,7 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
 
     # ---- reader
     t0 = time.perf_counter()
-    col = read_source(cfg.source, cfg.manifest_format, cfg.path_column, cfg.fields)
+    col = read_source(cfg.source, cfg.manifest_format, cfg.path_column, cfg.fields, cfg.id_column)
     all_relpaths = {it.relpath for it in col.items}
     items = select_shard(col.items, shard_i, shard_n)
     if cfg.limit is not None:
@@ -334,6 +347,7 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
                     "indexer": INDEXER_FORMAT,
                     "source": str(cfg.source),
                     "source_kind": col.kind,
+                    "user_ids": col.id_source,  # where the payload's user_id came from
                     "shards": shard_n,
                 },
             )
@@ -572,7 +586,7 @@ def _run_pipeline(
                     old = existing.get(d.id)
                     if old is not None and (
                         (old[0] != item.relpath and old[0] not in all_relpaths)
-                        or old[1] != _meta_of(dict(item.meta))
+                        or old[1] != _meta_of_item(item)
                     ):
                         updates.append((d.id, item))
                     continue
@@ -653,7 +667,7 @@ def _apply_updates(view: IndexView, updates: list[tuple[str, Any]], report: Repo
         for r in recs:
             item = chunk[r.id]
             payload = {k: v for k, v in r.payload.items() if k in RESERVED_KEYS}
-            payload.update(path=item.path, relpath=item.relpath, **item.meta)
+            payload.update(path=item.path, relpath=item.relpath, user_id=item.user_id, **item.meta)
             if r.tokens is None:
                 continue
             ids.append(r.id)

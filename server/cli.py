@@ -117,10 +117,15 @@ def serve_cmd(
 def search_cmd(
     server: str = typer.Option("127.0.0.1:50051", "--server", help="host:port of `cir serve`."),
     image: Path | None = typer.Option(None, "--image", help="Reference image file."),
-    id: str | None = typer.Option(None, "--id", help="Reference gallery id."),
+    id: str | None = typer.Option(
+        None,
+        "--id",
+        help="Reference gallery image: its own id (manifest id column or relative path) or its "
+        "point id. Without --image and --id: a text-only search.",
+    ),
     text: str = typer.Option(..., "--text", help="Modification text."),
-    top_k: int = typer.Option(10, "--top-k", help="Number of results."),
-    offset: int = typer.Option(0, "--offset", help="Results to skip."),
+    top_k: int = typer.Option(10, "--top-k", min=1, help="Number of results (at least 1)."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Results to skip."),
     mode: str = typer.Option("auto", "--mode", help="auto | exact | fast"),
     filter: str | None = typer.Option(
         None, "--filter", help='Payload filter as JSON, e.g. \'{"category": "bag"}\'.'
@@ -132,11 +137,11 @@ def search_cmd(
     timeout: float = typer.Option(10.0, "--timeout", help="Deadline in seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Send one composed query to a running server and print the ranked hits."""
+    """Send one composed query (or a text-only one) to a running server and print the hits."""
     from server.client import CIRClient, CIRError, parse_filter
 
-    if (image is None) == (id is None):
-        typer.echo("cir search: give exactly one of --image PATH or --id ID", err=True)
+    if image is not None and id is not None:
+        typer.echo("cir search: give at most one of --image PATH or --id ID", err=True)
         raise typer.Exit(2)
     if image is not None and not image.is_file():
         typer.echo(f"cir search: {image} is not a file", err=True)
@@ -159,7 +164,13 @@ def search_cmd(
     if as_json:
         out = {
             "results": [
-                {"rank": h.rank, "id": h.id, "score": h.score, "payload": h.payload}
+                {
+                    "rank": h.rank,
+                    "user_id": h.user_id,  # the user's own id
+                    "id": h.id,  # the point id
+                    "score": h.score,
+                    "payload": h.payload,
+                }
                 for h in res.results
             ],
             "index_version": res.index_version,
@@ -175,6 +186,8 @@ def search_cmd(
         f"({res.timings.get('total_ms', 0.0):.1f} ms on the server)"
     )
     for h in res.results:
-        extra = {k: v for k, v in h.payload.items() if k not in ("path", "sha256")}
+        extra = {
+            k: v for k, v in h.payload.items() if k not in ("path", "relpath", "sha256", "user_id")
+        }
         summary = json.dumps(extra, default=str)[:80] if extra else ""
-        typer.echo(f"{h.rank:>4}  {h.score:8.4f}  {h.id}  {summary}")
+        typer.echo(f"{h.rank:>4}  {h.score:8.4f}  {h.user_id or h.id}  {summary}")

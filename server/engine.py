@@ -138,6 +138,24 @@ def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in payload.items() if k not in THUMBNAIL_KEYS}
 
 
+def user_id_of(payload: dict[str, Any] | None) -> str:
+    """The user's own id stored with a point ("" for points indexed without one)."""
+    from retrieval.index.api import USER_ID_KEY
+
+    value = (payload or {}).get(USER_ID_KEY)
+    return value if isinstance(value, str) else ""
+
+
+def _looks_like_uuid(text: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
 class Engine:
     """Owns the encoder, the index and the feature cache. Thread-safe where it needs to be."""
 
@@ -194,34 +212,63 @@ class Engine:
         try:
             return decode_image(data, max_pixels=s.max_image_pixels)
         except ImageDecodeError as exc:
-            hint = {
-                "too-many-pixels": f" (limit {s.max_image_pixels} pixels)",
-                "decompression-bomb": " (refused as a decompression bomb)",
-            }.get(exc.reason, "")
-            detail = "" if exc.reason == "not-an-image" else f": {exc.detail}"
+            # exc.detail says what the bytes are and why they were refused, in plain words
+            bomb = exc.reason == "decompression-bomb"
+            hint = " (refused as a decompression bomb)" if bomb else ""
+            detail = f": {exc.detail}" if exc.detail else ""
             raise RequestError(
                 "INVALID_ARGUMENT",
                 f"reference_image cannot be used ({exc.reason}){detail}{hint}",
             ) from None
 
     def record(self, item_id: str) -> Any:
-        """The gallery record for ``item_id`` or NOT_FOUND."""
+        """The gallery record ``item_id`` names, or NOT_FOUND.
+
+        Either kind of id works: the point id (the indexer's uuid; any caller id written through
+        the index API) or the user's own id (payload ``user_id``: a manifest's id column or the
+        file's relative path). A uuid-looking id is tried as a point id first, anything else as
+        a user id first; an unknown id is NOT_FOUND, a user id on several points (a clash left by
+        an old build) FAILED_PRECONDITION naming them.
+        """
         if not item_id:
             raise RequestError("INVALID_ARGUMENT", "id is empty")
-        recs = self.index.get([item_id])
-        if not recs:
-            raise RequestError(
-                "NOT_FOUND",
-                f"gallery id {item_id!r} is not in index {self.index.name!r} "
-                f"(version {self.version})",
-            )
-        return recs[0]
+        from retrieval.index import InvalidQueryError
+
+        def by_point() -> Any:
+            recs = self.index.get([item_id])
+            return recs[0] if recs else None
+
+        def by_user_id() -> Any:
+            try:
+                recs = self.index.find_by_user_id(item_id, limit=2)
+            except InvalidQueryError:
+                return None
+            if len(recs) > 1:
+                raise RequestError(
+                    "FAILED_PRECONDITION",
+                    f"user id {item_id!r} names more than one image in index {self.index.name!r} "
+                    f"(version {self.version}; point ids {', '.join(r.id for r in recs)}): "
+                    "rebuild the index from a collection whose ids are unique, or use a point id",
+                )
+            return recs[0] if recs else None
+
+        lookups = (by_point, by_user_id) if _looks_like_uuid(item_id) else (by_user_id, by_point)
+        for lookup in lookups:
+            rec = lookup()
+            if rec is not None:
+                return rec
+        raise RequestError(
+            "NOT_FOUND",
+            f"gallery id {item_id!r} is not in index {self.index.name!r} "
+            f"(version {self.version}; neither a point id nor a user id)",
+        )
 
     def gallery_reference(self, item_id: str) -> tuple[Any, Any, str]:
         """(cached features or None, decoded image or None, cache key) for a gallery id."""
         rec = self.record(item_id)
         payload = rec.payload or {}
-        key = f"{item_id}@{payload.get('sha256') or self.version}"
+        # by point id: an image named by its user id and by its point id shares one entry
+        key = f"{rec.id}@{payload.get('sha256') or self.version}"
         feats = self.cache.get(key)
         if feats is not None:
             return feats, None, key

@@ -23,7 +23,7 @@ from server import __version__
 from server._generated.cir.v1 import search_pb2 as pb
 from server._generated.cir.v1 import search_pb2_grpc as pb_grpc
 from server.batching import BatcherClosedError, Job, MicroBatcher, QueueFullError
-from server.engine import Engine, Query, RequestError, public_payload
+from server.engine import Engine, Query, RequestError, public_payload, user_id_of
 from server.metrics import Metrics
 from server.protoconv import MODE_NAMES, dict_to_struct, struct_to_dict
 
@@ -349,7 +349,9 @@ class SearchService(pb_grpc.SearchServiceServicer):
             ),
         )
         for i, h in enumerate(hits):
-            hit = resp.results.add(id=h.id, score=float(h.score), rank=q.offset + i + 1)
+            hit = resp.results.add(
+                id=h.id, score=float(h.score), rank=q.offset + i + 1, user_id=user_id_of(h.payload)
+            )
             if q.include_payload and h.payload:
                 dict_to_struct(public_payload(h.payload), hit.payload)
         return resp
