@@ -79,8 +79,13 @@ def write_manifest(data: Path, out: Path) -> Path:
     return out
 
 
+#: The demo images' own ids (`cir search --id g001058`): the manifest's gallery_id column.
+DEMO_ID_COLUMN = "gallery_id"
+
+
 def index_is_current(index: str, name: str, fingerprint: str, expected: int) -> bool:
-    """An active version built by this encoder with every gallery image in it."""
+    """An active version built by this encoder with every gallery image in it, known by the
+    gallery ids (an index built before user ids existed is rebuilt)."""
     from retrieval.index import GalleryIndexError, IndexInUseError, open_index
 
     try:
@@ -91,7 +96,13 @@ def index_is_current(index: str, name: str, fingerprint: str, expected: int) -> 
         logger.info("index not reusable: %s", exc)
         return False
     try:
-        return idx.active_version is not None and idx.count() == expected
+        meta = idx.meta
+        ids = meta.extra.get("user_ids") if meta is not None else None
+        return (
+            idx.active_version is not None
+            and idx.count() == expected
+            and ids == f"column:{DEMO_ID_COLUMN}"
+        )
     finally:
         idx.close()
 
@@ -117,6 +128,8 @@ def ensure_index(cfg: DemoConfig) -> None:
         cfg.name,
         "--model",
         cfg.model,
+        "--id-column",
+        DEMO_ID_COLUMN,
     ]
     for f in DEMO_FIELDS:
         args += ["--field", f]
