@@ -2,7 +2,10 @@
 activate, drop-version.
 
 Also runnable on its own: ``python -m indexer build SOURCE --index edge:data/index ...``.
-Exit codes: 0 ok; 1 verification failed (nothing activated); 2 bad arguments or index errors.
+Exit codes: 0 ok; 1 verification failed (nothing activated); 2 bad arguments, index errors, or
+a refused run (an empty version, one that shrinks the active one by more than --max-shrink, an
+incremental run that would delete more than that, a random-weight preset without
+--allow-untrained; nothing is activated or deleted then).
 """
 
 from __future__ import annotations
@@ -16,11 +19,26 @@ from typing import Any
 
 import typer
 
+from retrieval.model_source import DEFAULT_MODEL
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_INDEX = "edge:data/index"
 _INDEX_OPT = typer.Option(DEFAULT_INDEX, "--index", envvar="CIR_INDEX", help="index URI")
 _NAME_OPT = typer.Option("gallery", "--name", envvar="CIR_INDEX_NAME", help="index name")
+_ALLOW_SHRINK_OPT = typer.Option(
+    False,
+    "--allow-shrink",
+    help="activate a version that is empty or shrinks the active one by more than "
+    "--max-shrink; let --incremental delete more than that fraction",
+)
+_MAX_SHRINK_OPT = typer.Option(
+    0.5,
+    "--max-shrink",
+    min=0.0,
+    max=1.0,
+    help="largest fraction of the active version's points a run may drop without --allow-shrink",
+)
 
 
 def _fail(exc: BaseException, code: int = 2) -> None:
@@ -51,7 +69,15 @@ def register(app: typer.Typer) -> None:
         ),
         index: str = _INDEX_OPT,
         name: str = _NAME_OPT,
-        model: str = typer.Option("sprc-small", "--model", help="checkpoint folder or preset"),
+        model: str = typer.Option(
+            DEFAULT_MODEL,
+            "--model",
+            help="checkpoint folder (default: the committed demo model); a preset name means "
+            "random weights and needs --allow-untrained",
+        ),
+        allow_untrained: bool = typer.Option(
+            False, "--allow-untrained", help="accept a preset name (RANDOM weights): tests only"
+        ),
         manifest_format: str = typer.Option(
             "auto", "--manifest-format", help="auto, jsonl, csv, parquet"
         ),
@@ -77,6 +103,13 @@ def register(app: typer.Typer) -> None:
         activate: bool = typer.Option(
             True, "--activate/--no-activate", help="activate the version once verified"
         ),
+        allow_shrink: bool = _ALLOW_SHRINK_OPT,
+        max_shrink: float = _MAX_SHRINK_OPT,
+        dry_run: bool = typer.Option(
+            False,
+            "--dry-run",
+            help="print the plan (add / change / delete / skip counts) and write nothing",
+        ),
         verify: bool = typer.Option(True, "--verify/--no-verify", help="verify before activating"),
         verify_sample: int = typer.Option(32, "--verify-sample", min=0, help="self-query sample"),
         calibrate: bool = typer.Option(
@@ -100,7 +133,17 @@ def register(app: typer.Typer) -> None:
         progress_file: Path | None = typer.Option(
             None, "--progress-file", help="JSON progress, rewritten after each written batch"
         ),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
+        progress: bool = typer.Option(
+            True,
+            "--progress/--no-progress",
+            help="progress bar on a terminal, plain progress lines otherwise",
+        ),
+        progress_every: float = typer.Option(
+            30.0,
+            "--progress-every",
+            min=0.01,
+            help="seconds between progress lines when stderr is not a terminal",
+        ),
         thumbnails: bool = typer.Option(True, "--thumbnails/--no-thumbnails", help="payload"),
     ) -> None:
         """Index a folder or manifest into a new version (or --incremental into the active one)."""
@@ -108,12 +151,14 @@ def register(app: typer.Typer) -> None:
         from indexer.report import render_summary
         from indexer.sources import parse_field_specs
 
+        tty = sys.stderr.isatty()
         try:
             cfg = BuildConfig(
                 source=source,
                 index=index,
                 name=name,
                 model=model,
+                allow_untrained=allow_untrained,
                 manifest_format=manifest_format,
                 path_column=path_column,
                 id_column=id_column,
@@ -126,6 +171,9 @@ def register(app: typer.Typer) -> None:
                 shard=shard,
                 incremental=incremental,
                 activate=activate,
+                allow_shrink=allow_shrink,
+                max_shrink=max_shrink,
+                dry_run=dry_run,
                 verify=verify,
                 verify_sample=verify_sample,
                 calibrate=calibrate,
@@ -134,7 +182,8 @@ def register(app: typer.Typer) -> None:
                 fresh=fresh,
                 build_id=build_id,
                 into=into,
-                progress=progress and sys.stderr.isatty(),
+                progress=progress and tty,
+                progress_every_s=progress_every if progress and not tty else 0.0,
                 progress_file=progress_file,
                 thumbnails=thumbnails,
             )
@@ -147,6 +196,11 @@ def register(app: typer.Typer) -> None:
         render_summary(report)
         for w in report.warnings[:20]:
             typer.echo(f"warning: {w}", err=True)
+        if report.plan is not None:
+            typer.echo(_plan_line(report.plan))
+        if report.refused:
+            typer.echo(f"error: {report.refused}", err=True)
+            raise typer.Exit(code=2)
         if report.verified is False:
             typer.echo(f"error: version {report.version} failed verification", err=True)
             raise typer.Exit(code=1)
@@ -167,7 +221,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(data, indent=1, default=str))
             return
         for k in ("name", "backend", "active_version", "count", "preset", "encoder_fingerprint"):
-            typer.echo(f"{k}: {data.get(k)}")
+            v = data.get(k)
+            if k == "count" and data.get("count_source") == "recorded":
+                v = f"{v} (recorded by its build; {data['in_use']})"
+            elif k == "count" and v is None:
+                v = f"unknown ({data.get('in_use') or 'not recorded'})"
+            typer.echo(f"{k}: {v}")
         typer.echo(f"shape: {data.get('shape')}  fields: {data.get('fields')}")
         typer.echo(f"versions: {', '.join(v['version'] for v in data['versions'])}")
 
@@ -258,18 +317,33 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(True, "--verify/--no-verify", help="verify first"),
         sample: int = typer.Option(32, "--sample", min=1, help="images queried by own tokens"),
         expect_count: int | None = typer.Option(None, "--expect-count", help="required count"),
+        allow_shrink: bool = _ALLOW_SHRINK_OPT,
+        max_shrink: float = _MAX_SHRINK_OPT,
     ) -> None:
-        """Verify a version and make it the active one (the last step of a sharded build)."""
-        from indexer.pipeline import verify_version
+        """Verify a version and make it the active one (the last step of a sharded build).
+        Refused (exit 2) when it is empty or shrinks the active one by more than --max-shrink."""
+        from indexer.pipeline import active_count, shrink_refusal, verify_version
         from retrieval.index import open_index
 
         try:
+            count: int | None = None
             if verify:
                 res = verify_version(index, name, version, sample, expect_count)
                 if not res["ok"]:
                     typer.echo(json.dumps(res, indent=1, default=str), err=True)
                     typer.echo(f"error: {version} failed verification; not activated", err=True)
                     raise typer.Exit(code=1)
+                count = int(res["count"])
+            if not allow_shrink:
+                if count is None:
+                    count = _version_count(index, name, version)
+                before, active = active_count(index, name)
+                refusal = None
+                if count is not None and active != version:
+                    refusal = shrink_refusal(before, count, max_shrink, version, active)
+                if refusal:
+                    typer.echo(f"error: {refusal}", err=True)
+                    raise typer.Exit(code=2)
             idx = open_index(index, name)
             try:
                 idx.activate(version)
@@ -301,14 +375,58 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"dropped {name} {version}")
 
 
-def _info(index: str, name: str) -> dict[str, Any]:
-    """``info --json``: count, active version, encoder fingerprint, preset, shape, fields,
-    versions (a server owning the active Edge shard leaves ``count`` null)."""
+def _plan_line(plan: dict[str, Any]) -> str:
+    def n(v: Any) -> str:
+        return "?" if v is None else str(v)
+
+    return (
+        f"plan: add {n(plan['add'])}, change {n(plan['change'])}, delete {n(plan['delete'])}, "
+        f"skip {n(plan['skip'])} (unchanged {n(plan['unchanged'])}, encode {n(plan['encode'])}); "
+        f"points {n(plan['count_before'])} -> {n(plan['count_after'])}; nothing was written"
+    )
+
+
+def _version_count(index: str, name: str, version: str) -> int | None:
+    """A version's point count: what its build recorded, else counted (its shard is free)."""
+    from indexer.pipeline import COUNT_KEY
+    from indexer.store import open_version
     from retrieval.index import IndexInUseError, open_index
 
     idx = open_index(index, name)
     try:
-        versions = [
+        for v in idx.versions():
+            if v.version == version and v.count is not None:
+                return int(v.count)
+            if v.version == version and isinstance(v.meta.extra.get(COUNT_KEY), int):
+                return int(v.meta.extra[COUNT_KEY])
+        try:
+            view = open_version(idx, version, read_only=True)
+        except IndexInUseError:
+            return None
+        try:
+            return view.count()
+        finally:
+            view.close()
+    finally:
+        idx.close()
+
+
+def _info(index: str, name: str) -> dict[str, Any]:
+    """``info --json``: count, active version, encoder fingerprint, preset, shape, fields,
+    versions. A server owning the active Edge shard: ``count`` is what the version's build
+    recorded (``count_source`` "recorded"; null for versions built before counts were recorded).
+    An index that does not exist: IndexerError."""
+    from indexer.pipeline import COUNT_KEY, IndexerError
+    from retrieval.index import IndexInUseError, open_index
+
+    idx = open_index(index, name)
+    try:
+        if idx.active_version is None and not idx.versions():
+            raise IndexerError(
+                f"there is no index {name!r} at {index} (no version was ever built: "
+                "cir index build SOURCE --index URI --name NAME)"
+            )
+        versions: list[dict[str, Any]] = [
             {
                 "version": v.version,
                 "active": v.active,
@@ -325,6 +443,7 @@ def _info(index: str, name: str) -> dict[str, Any]:
         active = idx.active_version
         count: int | None = None
         owner: str | None = None
+        source = "counted"
         if active is not None:
             try:
                 count = idx.count()
@@ -334,12 +453,19 @@ def _info(index: str, name: str) -> dict[str, Any]:
         for v in versions:
             if v["active"] and v["count"] is None:
                 v["count"] = count
+            recorded = v["extra"].get(COUNT_KEY)
+            if v["count"] is None and isinstance(recorded, int):
+                v["count"] = recorded  # a shard this process cannot open: its build's count
+        if active is not None and count is None:
+            count = next((v["count"] for v in versions if v["active"]), None)
+            source = "recorded" if count is not None else "unknown"
         return {
             "name": name,
             "index": index,
             "backend": idx.backend,
             "active_version": active,
             "count": count,
+            "count_source": source,
             "encoder_fingerprint": meta.encoder_fingerprint if meta else None,
             "preset": meta.preset if meta else None,
             "shape": list(meta.shape) if meta else None,

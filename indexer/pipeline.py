@@ -5,6 +5,11 @@ Exactly once: a point's id is uuid5 of the sha256 of the file's bytes, so re-wri
 idempotent. A rebuild writes into a new version whose metadata carries a ``build_key`` (source,
 encoder, fields, name); a later run with the same key finds that unfinished version again, skips
 the ids already in it and finishes it. Nothing is activated before it is verified.
+
+Safe by default: a version that is empty, or that would shrink the active one by more than
+``max_shrink``, is not activated; an incremental run does not delete more than that fraction of
+the active version (both unless ``allow_shrink``); ``dry_run`` computes the plan and writes
+nothing; random-weight presets are refused unless ``allow_untrained``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from indexer.sources import (
 )
 from indexer.store import open_version, resume_candidates, sample_ids, scroll, verify_view
 from retrieval.index.api import USER_ID_KEY
+from retrieval.model_source import DEFAULT_MODEL, check_trained
 
 if TYPE_CHECKING:
     from retrieval.encoder import Encoder
@@ -46,6 +52,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INDEXER_FORMAT = 1  # recorded in version metadata (extra.indexer)
+#: ``VersionMeta.extra`` key of a version's point count, recorded by every build that knows it:
+#: the count of a version a server owns (its Edge shard is locked) is known without opening it.
+COUNT_KEY = "count"
+#: Report lists of named files (duplicates, ignored files) keep at most this many entries.
+REPORT_LIST_LIMIT = 1000
 #: This process only searches to verify: rescore many int8 candidates exactly, so that models
 #: whose images get nearly identical tokens (random weights) still find themselves at rank 1.
 VERIFY_OPTIONS = {"oversampling": 64.0}
@@ -55,6 +66,10 @@ class IndexerError(RuntimeError):
     """A run that cannot proceed (bad arguments, index in use, verification failed)."""
 
 
+class ShrinkRefusedError(IndexerError):
+    """The run would empty or shrink the active version beyond ``max_shrink`` (nothing written)."""
+
+
 @dataclass
 class BuildConfig:
     """Options of ``cir index build`` (see docs/indexer.md)."""
@@ -62,7 +77,8 @@ class BuildConfig:
     source: Path  # folder of images, or a manifest (jsonl/csv/parquet)
     index: str  # index URI: edge:PATH, local:PATH, qdrant:URL
     name: str = "gallery"  # index name
-    model: str = "sprc-small"  # checkpoint folder or preset
+    model: str = DEFAULT_MODEL  # checkpoint folder (default: the committed demo model) or preset
+    allow_untrained: bool = False  # accept a preset name (random weights)
     manifest_format: str = "auto"  # auto | jsonl | csv | parquet
     path_column: str = "path"  # manifest column holding the image path/URI
     id_column: str | None = None  # manifest column of the user's ids (None: `id` if present)
@@ -74,6 +90,9 @@ class BuildConfig:
     num_threads: int | None = None  # torch intra-op threads for the encoder (None: torch default)
     shard: str = "0/1"  # i/n: this run takes the items whose relpath hashes to i mod n
     incremental: bool = False  # add new/changed, delete vanished, into the active version
+    allow_shrink: bool = False  # activate an empty/much smaller version, delete > max_shrink
+    max_shrink: float = 0.5  # largest fraction of the active version's points a run may drop
+    dry_run: bool = False  # compute the plan (add/change/delete/skip), write nothing
     activate: bool = True  # activate the new version once verified (never for n > 1 shards)
     verify: bool = True  # run the verification (count + self-retrieval sample)
     verify_sample: int = 32  # images queried by their own tokens during verification
@@ -86,6 +105,7 @@ class BuildConfig:
     build_id: str | None = None  # resume key override (several machines with different mounts)
     into: str | None = None  # write into this existing version (e.g. pre-created for shards)
     progress: bool = True  # tqdm progress bar on stderr
+    progress_every_s: float = 0.0  # > 0: a plain progress line on stderr every N s (no TTY)
     progress_file: Path | None = None  # JSON {written, processed, total, version} after each write
     flush_every: int = 8  # flush (durable) every N written batches
     write_queue: int = 4  # batches buffered between encoder and writer (backpressure)
@@ -213,13 +233,74 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 def load_encoder(cfg: BuildConfig) -> Encoder:
     from retrieval import Encoder
+    from retrieval.model_source import UntrainedModelError
 
     try:
+        check_trained(cfg.model, cfg.allow_untrained, "cir index build")  # before loading it
         return Encoder.from_pretrained(
             cfg.model, device=cfg.device, dtype=cfg.dtype, num_threads=cfg.num_threads
         )
+    except UntrainedModelError as exc:
+        raise IndexerError(str(exc)) from exc
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise IndexerError(f"cannot load model {cfg.model!r}: {exc}") from exc
+
+
+def shrink_refusal(
+    before: int | None, after: int, max_shrink: float, what: str, active: str | None, why: str = ""
+) -> str | None:
+    """Why a version of ``after`` points must not replace the active one of ``before`` points
+    (None: it may). Empty is always refused; otherwise more than ``max_shrink`` fewer."""
+    if after == 0:
+        serving = f"; the active version {active} keeps serving" if active else ""
+        if active and before is not None:
+            serving += f" its {before} points"
+        return (
+            f"refusing to activate {what}: it is empty (0 points){serving}{why}. "
+            "Check the source, or pass --allow-shrink."
+        )
+    if not before or after >= before * (1.0 - max_shrink):
+        return None
+    return (
+        f"refusing to activate {what}: {after} points would replace the {before} of the active "
+        f"version {active} ({1 - after / before:.0%} fewer; the limit is --max-shrink "
+        f"{max_shrink:g}){why}. The active version keeps serving. Check the source, or pass "
+        "--allow-shrink."
+    )
+
+
+def delete_refusal(
+    existing: int, deleting: int, max_shrink: float, active: str | None, why: str = ""
+) -> str | None:
+    """Why an incremental run must not delete ``deleting`` of ``existing`` points (None: it may)."""
+    if deleting == 0 or deleting <= existing * max_shrink:
+        return None
+    return (
+        f"refusing to delete {deleting} of the {existing} points of the active version {active} "
+        f"({deleting / existing:.0%}; the limit is --max-shrink {max_shrink:g}){why}: "
+        "check the source, or pass --allow-shrink."
+    )
+
+
+def active_count(uri: str, name: str) -> tuple[int | None, str | None]:
+    """(points of the active version, the active version): counted when its shard is free,
+    else the count its build recorded (None when neither is known). Opens and closes its own
+    handle, so that the build never holds the active version's lock."""
+    from retrieval.index import IndexInUseError, open_index
+
+    idx = open_index(uri, name)
+    try:
+        active = idx.active_version
+        if active is None:
+            return None, None
+        try:
+            return idx.count(), active
+        except IndexInUseError:  # a server owns it: what its build recorded
+            meta = idx.meta
+            rec = meta.extra.get(COUNT_KEY) if meta is not None else None
+            return (int(rec) if isinstance(rec, int) else None), active
+    finally:
+        idx.close()
 
 
 def _in_use_message(exc: BaseException, what: str) -> str:
@@ -264,6 +345,7 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
         items = items[: max(0, cfg.limit)]
     report.total = len(items)
     report.ignored_files = col.ignored
+    report.ignored_paths = col.ignored_paths[:REPORT_LIST_LIMIT]
     report.warnings.extend(col.warnings[:1000])
     stages["read"] = time.perf_counter() - t0
     logger.info(
@@ -279,7 +361,15 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
     t0 = time.perf_counter()
     enc = encoder if encoder is not None else load_encoder(cfg)
     stages["load_model"] = time.perf_counter() - t0
+    if getattr(enc, "untrained", False) and not cfg.allow_untrained:
+        raise IndexerError(
+            f"cir index build: the encoder has RANDOM weights ({enc.source}): its index would "
+            "mean nothing. Use a trained checkpoint folder, or allow_untrained=True."
+        )
     report.preset, report.encoder_fingerprint = enc.preset, enc.fingerprint
+    report.model = getattr(enc, "source", str(cfg.model))
+    report.untrained = bool(getattr(enc, "untrained", False))
+    report.dry_run = cfg.dry_run
     if calib_q is not None and calib_q.shape[1] != enc.dim:
         raise IndexerError(
             f"calibration queries {cfg.calibrate_queries} are {calib_q.shape[1]}-d; "
@@ -336,7 +426,42 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
             except IndexInUseError as exc:
                 raise IndexerError(_in_use_message(exc, "incremental update refused")) from exc
             present_ids = list(existing)
+            if cfg.dry_run:
+                _dry_run(cfg, enc, items, existing, all_relpaths, report, report.version)
+                report.seconds, report.stage_seconds = time.perf_counter() - t_start, stages
+                return report
+            # files that vanished from the source: refused before anything is written
+            vanished = 0 if cfg.limit is not None else _vanished(existing, all_relpaths, cfg.shard)
+            refusal = delete_refusal(
+                len(existing),
+                vanished,
+                cfg.max_shrink,
+                report.version,
+                f"; {vanished} of their files are gone from {cfg.source}",
+            )
+            if refusal and not cfg.allow_shrink:
+                raise ShrinkRefusedError(refusal)
+        elif cfg.dry_run:
+            current = _active_records(idx) if idx.active_version is not None else {}
+            _dry_run(cfg, enc, items, current, all_relpaths, report, idx.active_version)
+            report.seconds, report.stage_seconds = time.perf_counter() - t_start, stages
+            return report
         else:
+            if shard_n == 1 and cfg.activate and not cfg.allow_shrink:
+                # the version cannot hold more points than the source has items: refuse now
+                # rather than after hours of encoding
+                before, active = active_count(cfg.index, cfg.name)
+                most = sum(1 for it in items if not it.problem)
+                refusal = shrink_refusal(
+                    before,
+                    most,
+                    cfg.max_shrink,
+                    "a new version",
+                    active,
+                    f" (the source {cfg.source} has {most} items)",
+                )
+                if refusal:
+                    raise ShrinkRefusedError(refusal)
             meta_new = VersionMeta(
                 enc.fingerprint,
                 enc.preset,
@@ -371,12 +496,21 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
 
         # ---- deletions: incremental (vanished / changed) and a resumed build's stale points
         t0 = time.perf_counter()
+        kept_stale = 0  # incremental: points to delete that the shrink guard kept
         if cfg.limit is None:
             in_scope = present_set - seen
             if shard_n > 1:
                 rel_of = {i: existing[i][0] for i in in_scope if i in existing}
                 in_scope = {i for i in in_scope if shard_of(rel_of.get(i, ""), shard_n) == shard_i}
-            if in_scope and (cfg.incremental or shard_n == 1):
+            refusal = None
+            if in_scope and cfg.incremental and not cfg.allow_shrink:
+                refusal = delete_refusal(
+                    len(present_set), len(in_scope), cfg.max_shrink, report.version
+                )
+            if refusal:
+                report.refused = f"{refusal} Nothing was deleted; {report.indexed} added."
+                kept_stale = len(in_scope)
+            elif in_scope and (cfg.incremental or shard_n == 1):
                 stale = sorted(in_scope)
                 for s in range(0, len(stale), 1000):
                     view.delete(stale[s : s + 1000])
@@ -390,7 +524,7 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
         # a count check needs the whole collection in this run (no other shards, no --limit
         # on top of earlier content)
         whole = shard_n == 1 and (cfg.limit is None or report.mode == "rebuild")
-        expected = len(seen) if whole else None
+        expected = len(seen) + kept_stale if whole else None
         sample = sample_ids(sorted(processed["written_ids"]) or sorted(seen), cfg.verify_sample)
         if cfg.incremental:
             t0 = time.perf_counter()
@@ -398,6 +532,8 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
             if cfg.verify:
                 report.verification = verify_view(idx, sample, expected)
                 report.verified = bool(report.verification["ok"])
+            if report.version is not None:
+                idx.update_version_meta(report.version, {COUNT_KEY: report.count})
             stages["verify"] = time.perf_counter() - t0
         else:
             assert handle is not None
@@ -415,6 +551,7 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
                     report.verified = bool(report.verification["ok"])
             finally:
                 check.close()
+            idx.update_version_meta(version, {COUNT_KEY: report.count})
             stages["verify"] = time.perf_counter() - t0
             if cfg.calibrate and whole and report.count >= cfg.calibrate_min_points:
                 t0 = time.perf_counter()
@@ -427,10 +564,22 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
                         f"after every shard finished: cir index activate {version}"
                     )
             elif cfg.activate and report.verified:
-                t0 = time.perf_counter()
-                idx.activate(version)
-                report.activated = True
-                stages["activate"] = time.perf_counter() - t0
+                refusal = None
+                if not cfg.allow_shrink:
+                    before, active = active_count(cfg.index, cfg.name)
+                    refusal = shrink_refusal(
+                        before, report.count, cfg.max_shrink, f"version {version}", active
+                    )
+                if refusal:
+                    report.refused = (
+                        f"{refusal} {version} is kept, not active (`cir index activate "
+                        f"{version} --allow-shrink` to activate it anyway)."
+                    )
+                else:
+                    t0 = time.perf_counter()
+                    idx.activate(version)
+                    report.activated = True
+                    stages["activate"] = time.perf_counter() - t0
             elif cfg.activate and report.verified is False:
                 report.warnings.append(
                     f"version {version} failed verification and was NOT activated: "
@@ -456,6 +605,172 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
     report.seconds = time.perf_counter() - t_start
     report.stage_seconds = stages
     return report
+
+
+def _vanished(existing: dict[str, tuple[str, str]], all_relpaths: set[str], shard: str) -> int:
+    """Points of the active version (this shard's) whose file is no longer in the source."""
+    shard_i, shard_n = parse_shard(shard)
+    return sum(
+        1
+        for rel, _ in existing.values()
+        if rel not in all_relpaths and (shard_n == 1 or shard_of(rel, shard_n) == shard_i)
+    )
+
+
+def _active_records(idx: GalleryIndex) -> dict[str, tuple[str, str]] | None:
+    """id -> (relpath, metadata json) of the active version; None when another process owns
+    its shard (a server): then a dry run cannot compare against it."""
+    from retrieval.index import IndexInUseError
+
+    out: dict[str, tuple[str, str]] = {}
+    try:
+        for rec in scroll(idx, with_payload={"exclude": ["thumbnail"]}):
+            rel = str(rec.payload.get("relpath", rec.payload.get("path", "")))
+            out[rec.id] = (rel, _meta_of(rec.payload))
+    except IndexInUseError as exc:
+        logger.warning("dry run: cannot read the active version (%s): no delete/change plan", exc)
+        return None
+    return out
+
+
+def _keep_image(image: Any) -> None:
+    """The dry run's preprocessing: the image was decoded (so it would be indexed); no pixels."""
+    return None
+
+
+def _plan_collate(batch: list[tuple[Any, Any]]) -> list[Any]:
+    return [d for d, _ in batch]
+
+
+def _dry_run(
+    cfg: BuildConfig,
+    enc: Encoder,
+    items: list[Any],
+    current: dict[str, tuple[str, str]] | None,
+    all_relpaths: set[str],
+    report: Report,
+    active: str | None,
+) -> None:
+    """``--dry-run``: read, hash and decode every item as the build would (no encoding), compare
+    with the version the run would change (incremental: the active one; rebuild: the active one
+    it would replace) and put the plan in ``report.plan``. Writes nothing to the index."""
+    from torch.utils.data import DataLoader
+
+    shard_i, shard_n = parse_shard(cfg.shard)
+    known = current or {}
+    dataset = ImageDataset(items, _keep_image, PresentSet(list(known)), thumbnails=False)
+    workers = max(0, int(cfg.workers))
+    loader: Any = DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=max(1, int(cfg.batch_size)),
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_plan_collate,
+        worker_init_fn=worker_init if workers else None,
+    )
+    seen: dict[str, str] = {}  # id -> path of its first item
+    add = change = unchanged = 0
+    lines = _ProgressLines(len(items), cfg.progress_every_s, "dry run")
+    for batch in loader:
+        for d in batch:
+            item = items[d.index]
+            if d.reason is not None:
+                report.skipped.append(
+                    {"path": item.path, "reason": d.reason, "detail": d.detail[:300]}
+                )
+                continue
+            assert d.id is not None
+            if d.id in seen:
+                _note_duplicate(report, item.path, seen[d.id])
+                continue
+            seen[d.id] = item.path
+            old = known.get(d.id)
+            if old is None:
+                add += 1
+            elif (old[0] != item.relpath and old[0] not in all_relpaths) or old[1] != _meta_of_item(
+                item
+            ):
+                change += 1
+            else:
+                unchanged += 1
+        lines.update(len(batch))
+    lines.close()
+    delete: int | None = None
+    if current is not None:
+        gone = [
+            rel
+            for i, (rel, _) in current.items()
+            if i not in seen and (shard_n == 1 or shard_of(rel, shard_n) == shard_i)
+        ]
+        delete = 0 if cfg.limit is not None and cfg.incremental else len(gone)
+    before = None if current is None else len(current)
+    if cfg.incremental:
+        after = None if before is None or delete is None else before - delete + add
+        refusal = (
+            None
+            if cfg.allow_shrink or before is None or delete is None
+            else delete_refusal(before, delete, cfg.max_shrink, active)
+        )
+    else:
+        after = len(seen)
+        if current is None:
+            before, _ = active_count(cfg.index, cfg.name)
+        refusal = (
+            None
+            if cfg.allow_shrink or shard_n > 1 or not cfg.activate
+            else shrink_refusal(before, after, cfg.max_shrink, "the new version", active)
+        )
+    report.total = len(items)
+    report.plan = {
+        "add": add,
+        "change": change,
+        "delete": delete,
+        "skip": len(report.skipped) + report.duplicates,
+        "unchanged": unchanged,
+        "encode": add if cfg.incremental else len(seen),
+        "count_before": before,
+        "count_after": after,
+        "active_version": active,
+    }
+    report.refused = refusal
+
+
+def _note_duplicate(report: Report, path: str, first: str) -> None:
+    report.duplicates += 1
+    if len(report.duplicate_files) < REPORT_LIST_LIMIT:
+        report.duplicate_files.append({"path": path, "same_as": first})
+
+
+class _ProgressLines:
+    """Plain progress lines on stderr every ``every_s`` seconds (for logs, where a tqdm bar
+    would be one endless line): done/total, percent, rate and time left."""
+
+    def __init__(self, total: int, every_s: float, what: str = "indexing") -> None:
+        self.total, self.every_s, self.what = total, every_s, what
+        self.done = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.every_s > 0 and now - self.last >= self.every_s:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float, final: bool = False) -> None:
+        dt = max(now - self.t0, 1e-9)
+        rate = self.done / dt
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        tail = f"done in {dt:.0f} s" if final else f"{left:.0f} s left"
+        sys.stderr.write(
+            f"{self.what}: {self.done}/{self.total} ({pct:.1f}%), {rate:.1f} images/s, {tail}\n"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.every_s > 0:
+            self._line(time.monotonic(), final=True)
 
 
 def _verify_summary(v: dict[str, Any] | None) -> str:
@@ -556,12 +871,13 @@ def _run_pipeline(
             )
 
     writer = _Writer(view, cfg.write_queue, cfg.flush_every, on_written)
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # id -> position of the first item with that content
     written_ids: list[str] = []
     updates: list[tuple[str, Any]] = []  # incremental: (id, item) whose path/metadata changed
     worker_s = {"read": 0.0, "decode": 0.0, "preprocess": 0.0}
     wait_s = encode_s = 0.0
     bar = _progress_bar(len(items), cfg.progress)
+    lines = _ProgressLines(len(items), 0.0 if cfg.progress else cfg.progress_every_s)
     try:
         for batch, waited in _batches(loader):
             wait_s += waited
@@ -578,9 +894,9 @@ def _run_pipeline(
                     continue
                 assert d.id is not None
                 if d.id in seen:
-                    report.duplicates += 1
+                    _note_duplicate(report, item.path, items[seen[d.id]].path)
                     continue
-                seen.add(d.id)
+                seen[d.id] = d.index
                 if d.present:
                     report.already_present += 1
                     old = existing.get(d.id)
@@ -604,6 +920,7 @@ def _run_pipeline(
                     written_ids.extend(ids)
             state["processed"] += len(batch.items)
             bar.update(len(batch.items))
+            lines.update(len(batch.items))
         writer.close()
     except BaseException:
         # keep what was encoded (valid, and it makes the resume shorter), then re-raise
@@ -612,6 +929,7 @@ def _run_pipeline(
         raise
     finally:
         bar.close()
+        lines.close()
         del loader
     if updates:
         _apply_updates(view, updates, report)
@@ -627,7 +945,7 @@ def _run_pipeline(
     stages["pipeline"] = total_s
     done = report.indexed + report.already_present + report.duplicates + len(report.skipped)
     report.images_per_s = done / total_s if total_s > 0 else 0.0
-    return {"seen": seen, "written_ids": written_ids}
+    return {"seen": set(seen), "written_ids": written_ids}
 
 
 def _encode(

@@ -24,6 +24,8 @@ class Report:
     shard: str = "0/1"  # i/n
     source: str = ""  # folder or manifest
     preset: str = ""  # encoder preset
+    model: str = ""  # the weights used: checkpoint folder, or "preset X (random weights)"
+    untrained: bool = False  # random-weight preset (allowed with --allow-untrained)
     encoder_fingerprint: str = ""
     device: str = ""
     dtype: str = ""
@@ -31,16 +33,24 @@ class Report:
     indexed: int = 0  # images encoded and written by this run
     already_present: int = 0  # in the version already (resume / incremental: unchanged)
     duplicates: int = 0  # same content as an earlier item of this run: indexed once
+    duplicate_files: list[dict[str, str]] = field(default_factory=list)  # [{path, same_as}]
     moved: int = 0  # incremental: known content under a new path (payload updated)
     deleted: int = 0  # incremental: ids removed (file vanished or changed)
     skipped: list[dict[str, str]] = field(default_factory=list)  # [{path, reason, detail}]
     ignored_files: int = 0  # folder input: files with other extensions
+    ignored_paths: list[str] = field(default_factory=list)  # their relative paths
     warnings: list[str] = field(default_factory=list)  # metadata that did not convert, ...
     count: int | None = None  # points in the version at the end
     verified: bool | None = None  # None: not verified (sharded / --no-verify)
     verification: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None  # fast-mode L measured on this version
     activated: bool = False
+    # why the run did not activate / delete (empty, or shrinks beyond --max-shrink); exit 2
+    refused: str | None = None
+    dry_run: bool = False  # --dry-run: nothing was written
+    # --dry-run: {add, change, delete, skip, unchanged, encode, count_before, count_after,
+    # active_version}
+    plan: dict[str, Any] | None = None
     seconds: float = 0.0  # wall time of the run (model load included)
     images_per_s: float = 0.0  # items processed (indexed + present + duplicates) / pipeline time
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -77,12 +87,19 @@ def render_summary(report: Report) -> None:
     from rich.table import Table
 
     console = Console(stderr=True)
-    t = Table(title=f"cir index build: {report.name} {report.version or ''}", show_header=False)
+    title = f"cir index build: {report.name} {report.version or ''}"
+    if report.dry_run:
+        title += " (dry run: nothing written)"
+    t = Table(title=title, show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value")
+    model = report.model or report.preset
+    if not report.untrained:
+        model += f" ({report.preset})"  # else model says "preset NAME (random weights)"
+    model += f" on {report.device} {report.dtype}"
     rows: list[tuple[str, Any]] = [
         ("mode", f"{report.mode} (shard {report.shard})"),
-        ("model", f"{report.preset} on {report.device} {report.dtype}"),
+        ("model", model),
         ("items", report.total),
         ("indexed", report.indexed),
         ("already present", report.already_present),
@@ -100,6 +117,24 @@ def render_summary(report: Report) -> None:
         ("images/s", f"{report.images_per_s:.1f}"),
         ("stages (s)", ", ".join(f"{k}={v:.2f}" for k, v in report.stage_seconds.items())),
     ]
+    if report.dry_run and report.plan is not None:
+        rows = (
+            rows[:2]
+            + [("items", report.total)]
+            + [
+                ("plan: " + k, "unknown (the active version is in use)" if v is None else v)
+                for k, v in report.plan.items()
+            ]
+        )
+    if report.ignored_files:
+        shown = ", ".join(report.ignored_paths[:5])
+        more = report.ignored_files - min(5, len(report.ignored_paths))
+        rows.append(
+            (
+                "ignored files",
+                f"{report.ignored_files}: {shown}" + (f" (+{more})" if more > 0 else ""),
+            )
+        )
     for k, v in rows:
         t.add_row(k, str(v))
     console.print(t)

@@ -8,6 +8,7 @@
 
 A checkpoint folder holds ``config.json`` (SPRCConfig), ``model.safetensors`` and ``vocab.txt``.
 A preset name builds the architecture with random (seeded, LAVIS-style) weights.
+Which one a name means, and where random weights are refused: ``retrieval.model_source``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from retrieval.config import PRESETS, SPRCConfig, get_config
+from retrieval.model_source import is_untrained_preset, resolve_model
 from retrieval.modeling_sprc import SPRCModel
 from retrieval.preprocess import ImagePreprocessor
 from retrieval.tokenization import QFormerTokenizer
@@ -129,6 +131,10 @@ class Encoder:
         digest = weights_digest or state_dict_digest(model.state_dict())
         self.fingerprint = self._fingerprint(digest)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        #: built from a preset name with random weights (see ``is_untrained_preset``)
+        self.untrained = False
+        #: where the weights came from: the checkpoint folder, or "preset NAME (random weights)"
+        self.source = "in-memory model"
 
     # ------------------------------------------------------------ properties
     @property
@@ -183,15 +189,17 @@ class Encoder:
     ) -> Encoder:
         """A checkpoint folder, or a preset name (random weights, seeded)."""
         set_threads(num_threads)
-        key = str(name_or_path)
+        key = resolve_model(name_or_path)
         folder = Path(key)
-        if key in PRESETS and not folder.is_dir():
+        if is_untrained_preset(key):
             config = get_config(key)
             model = build_model(config, seed=seed)
             tokenizer = QFormerTokenizer.builtin(max_length=config.max_text_len)
             if len(tokenizer) > config.vocab_size:
                 raise ValueError("builtin vocabulary larger than the preset's vocab_size")
-            return cls(model, tokenizer, device=device, dtype=dtype)
+            enc = cls(model, tokenizer, device=device, dtype=dtype)
+            enc.untrained, enc.source = True, f"preset {key} (random weights)"
+            return enc
         if not folder.is_dir():
             raise FileNotFoundError(
                 f"no checkpoint folder or preset named {key!r} (presets: {', '.join(PRESETS)})"
@@ -211,7 +219,9 @@ class Encoder:
                 f"{folder}: vocab.txt has {len(tokenizer)} tokens > vocab_size {config.vocab_size}"
             )
         logger.info("loaded %s (%s) from %s", config.name, digest[:12], folder)
-        return cls(model, tokenizer, device=device, dtype=dtype, weights_digest=digest)
+        enc = cls(model, tokenizer, device=device, dtype=dtype, weights_digest=digest)
+        enc.source = str(folder.resolve())
+        return enc
 
     def save_pretrained(self, folder: str | Path, weights_dtype: str | None = None) -> Path:
         """Write config.json + model.safetensors + vocab.txt. ``weights_dtype`` (e.g.

@@ -45,6 +45,7 @@ def cfg(source: Path, index: Path, **kw: Any) -> BuildConfig:
         index=f"edge:{index}",
         name="g",
         model="tiny",
+        allow_untrained=True,  # random weights are refused by default; these tests use them
         batch_size=8,
         workers=0,
         progress=False,
@@ -281,6 +282,7 @@ def test_sigkill_mid_run_then_resume_is_exactly_once(tmp_path: Path) -> None:
         "g",
         "--model",
         "tiny",
+        "--allow-untrained",
         "--batch-size",
         "4",
         "--workers",
@@ -492,7 +494,7 @@ def test_build_calibrates_on_real_query_vectors(tmp_path: Path, enc: Any) -> Non
         res = CliRunner().invoke(
             app,
             ["index", "build", str(src), "--index", f"edge:{tmp_path / 'ix3'}", "--name", "g"]
-            + ["--model", "tiny", "--workers", "0", "--no-progress"]
+            + ["--model", "tiny", "--allow-untrained", "--workers", "0", "--no-progress"]
             + ["--calibrate-queries", str(tmp_path / bad)],
         )
         assert res.exit_code != 0 and message in res.output, (bad, res.output)
