@@ -170,13 +170,23 @@ class CIRServer:
     async def start(self) -> None:
         """Listen at once (health NOT_SERVING), load, then SERVING. Raises StartupError."""
         s = self.settings
+        # gRPC core cancels calls beyond a backlog of ~1000 not yet handed to the server
+        # (CANCELLED); with room for a few times the concurrency limit they reach the limit
+        # instead and are answered RESOURCE_EXHAUSTED
+        backlog = max(1000, 4 * s.maximum_concurrent_rpcs)
         opts = [
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            ("grpc.server.max_pending_requests", backlog),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * backlog),
         ]
         interceptors = [ApiKeyInterceptor(s.keys)] if s.keys else []
-        server = grpc.aio.server(interceptors=interceptors, options=opts)
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=opts,
+            maximum_concurrent_rpcs=s.maximum_concurrent_rpcs,
+        )
         pb_grpc.add_SearchServiceServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -259,7 +269,7 @@ class CIRServer:
 
     async def _refresh_loop(self) -> None:
         """Poll the index pointer; switch to a newly activated version without a restart."""
-        from retrieval.index import ModelMismatchError
+        from retrieval.index import IndexUnavailableError, ModelMismatchError
 
         engine = self.service.engine
         assert engine is not None
@@ -277,6 +287,9 @@ class CIRServer:
                 continue
             except asyncio.CancelledError:
                 raise
+            except IndexUnavailableError as exc:  # the search process died; it restarts
+                logger.warning("index refresh failed (%s); still serving %s", exc, engine.version)
+                continue
             except Exception:
                 logger.exception("index refresh failed; still serving %s", engine.version)
                 continue

@@ -4,9 +4,17 @@ Handlers ``submit`` validated queries; one batcher task takes up to ``max_batch`
 whatever arrived within ``max_wait_s`` of the first one's arrival (with ``adaptive_wait``, a lone
 query on a server whose recent batches held one query each is sent at once: an idle server
 answers at batch-1 latency, a busy one still fills batches), drops the ones whose deadline
-passed or whose caller went away, and hands the batch to ``process`` (which runs the model in a
-worker thread and resolves the futures). Admission is bounded: beyond ``queue_size`` waiting
-queries ``submit`` raises :class:`QueueFullError` with a retry-after estimate.
+passed (or cannot be met: less time left than a batch takes) or whose caller went away, and
+hands the batch to ``process`` (which runs the model in a worker thread and resolves the
+futures).
+
+Admission happens before any work on a query (:meth:`MicroBatcher.admit`, then the caller
+decodes its reference image, then :meth:`MicroBatcher.submit` with the ticket): a query is
+refused with :class:`QueueFullError` when the queue holds ``queue_size`` queries, when the
+estimated wait (queries ahead / the measured service rate) exceeds ``max_queue_s`` once at
+least two batches are waiting, or when it exceeds the caller's own deadline. The service rate
+is a moving average of the model's time per query in full batches; ``retry-after`` is the time
+the queries ahead need to drain at that rate.
 """
 
 from __future__ import annotations
@@ -37,6 +45,19 @@ class BatcherClosedError(Exception):
     """The batcher is stopping; no new work is accepted."""
 
 
+class DeadlineUnmeetableError(Exception):
+    """A queued query was not started: less time was left than a batch takes."""
+
+
+@dataclass
+class Ticket:
+    """Room in the queue held for ``n`` queries between admission and ``submit``."""
+
+    n: int
+    deadline: float
+    open: bool = True
+
+
 @dataclass
 class Job:
     """One query waiting for the model."""
@@ -62,6 +83,7 @@ class MicroBatcher:
         max_batch: int = 16,
         max_wait_s: float = 0.002,
         queue_size: int = 256,
+        max_queue_s: float = 0.25,
         adaptive_wait: bool = True,
         on_drop: Callable[[str, int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
@@ -70,6 +92,7 @@ class MicroBatcher:
         self.max_batch = max(1, int(max_batch))
         self.max_wait_s = max(0.0, float(max_wait_s))
         self.queue_size = max(1, int(queue_size))
+        self.max_queue_s = max(0.0, float(max_queue_s))
         self.adaptive_wait = adaptive_wait
         # moving average of live batch sizes: ~1 means no concurrency, so waiting buys nothing
         self._recent_batch = 1.0
@@ -79,7 +102,11 @@ class MicroBatcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._per_query_s = 0.01  # moving average of processing time per query (retry-after)
+        # moving averages of the model's time per query (the drain rate) and per batch; seeded
+        # by the first batch, so the first estimates are the server's own
+        self._per_query_s = 0.0
+        self._per_batch_s = 0.0
+        self._reserved = 0  # admitted queries not submitted yet (decoding their reference)
         self.batches = 0
         self.dropped_expired = 0
         self.dropped_cancelled = 0
@@ -87,14 +114,24 @@ class MicroBatcher:
     # ------------------------------------------------------------------ state
     @property
     def depth(self) -> int:
-        """Queries admitted and not yet handed to ``process``."""
-        return len(self._queue)
+        """Queries admitted and not yet handed to ``process`` (queued or about to be)."""
+        return len(self._queue) + self._reserved
+
+    @property
+    def service_rate(self) -> float:
+        """Measured queries per second the model drains (0 before the first batch)."""
+        return 1.0 / self._per_query_s if self._per_query_s > 0 else 0.0
+
+    def expected_wait_s(self, ahead: int | None = None) -> float:
+        """Time until ``ahead`` queued queries (default: all) have been through the model."""
+        n = self.depth if ahead is None else ahead
+        return n * self._per_query_s
 
     def retry_after_ms(self) -> int:
-        """Rough time until the current queue has drained."""
-        # the queued queries' processing plus one batch-filling wait
-        est = (self._per_query_s * max(1, self.depth) + self.max_wait_s) * 1000.0
-        return int(min(5000.0, max(20.0, est)))
+        """When to come back: the time the queries now queued take to drain at the measured
+        rate, plus one batch-filling wait."""
+        est = (self.expected_wait_s() + self.max_wait_s) * 1000.0
+        return int(min(5000.0, max(10.0, est)))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -119,12 +156,43 @@ class MicroBatcher:
         self._queue.clear()
 
     # ------------------------------------------------------------------ admission
-    def submit(self, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Any]]:
-        """Queue ``items`` (all or none); returns one future per item."""
+    def admit(self, n: int, deadline: float) -> Ticket:
+        """Hold room for ``n`` queries, or raise QueueFullError / BatcherClosedError. Cheap (no
+        allocation but the ticket): call it before any work is spent on the queries."""
         if self._closed or self._task is None:
             raise BatcherClosedError("server is not accepting queries (starting or shutting down)")
-        if len(self._queue) + len(items) > self.queue_size:
-            raise QueueFullError(len(self._queue), self.queue_size, self.retry_after_ms())
+        depth = self.depth
+        if depth + n > self.queue_size:
+            raise QueueFullError(depth, self.queue_size, self.retry_after_ms())
+        if depth > 0 and self._per_query_s > 0:
+            # the wait for the queries ahead plus our own batch
+            wait = self.expected_wait_s(depth) + self._per_batch_s
+            # two batches queued keep the model busy; beyond them a longer queue only adds
+            # latency, so it is bounded in time
+            if depth + n > 2 * self.max_batch and wait > self.max_queue_s:
+                raise QueueFullError(depth, self.queue_size, self.retry_after_ms())
+            if time.monotonic() + wait > deadline:  # it could not finish in time: not started
+                raise QueueFullError(depth, self.queue_size, self.retry_after_ms())
+        self._reserved += n
+        return Ticket(n, deadline)
+
+    def release(self, ticket: Ticket) -> None:
+        """Give back an admitted ticket that will not be submitted (bad input, caller left)."""
+        if ticket.open:
+            ticket.open = False
+            self._reserved -= ticket.n
+
+    def submit(
+        self, items: Sequence[Any], deadline: float, ticket: Ticket | None = None
+    ) -> list[asyncio.Future[Any]]:
+        """Queue ``items`` (all or none); returns one future per item. With ``ticket`` (from
+        :meth:`admit`, for ``len(items)`` queries) the room is already held."""
+        if ticket is not None:
+            self.release(ticket)
+        if self._closed or self._task is None:
+            raise BatcherClosedError("server is not accepting queries (starting or shutting down)")
+        if ticket is None and self.depth + len(items) > self.queue_size:
+            raise QueueFullError(self.depth, self.queue_size, self.retry_after_ms())
         loop = asyncio.get_running_loop()
         futures = []
         for item in items:
@@ -176,6 +244,15 @@ class MicroBatcher:
                     self.dropped_expired += 1
                     self._on_drop("deadline", 1)
                     job.future.cancel()
+                elif now + self._per_batch_s > job.deadline:  # it would finish too late
+                    self.dropped_expired += 1
+                    self._on_drop("deadline", 1)
+                    job.future.set_exception(
+                        DeadlineUnmeetableError(
+                            f"not started: {1000 * (job.deadline - now):.0f} ms left, a batch "
+                            f"takes about {1000 * self._per_batch_s:.0f} ms"
+                        )
+                    )
                 else:
                     job.dispatched = now
                     live.append(job)
@@ -193,5 +270,12 @@ class MicroBatcher:
                 for job in live:
                     if not job.future.done():
                         job.future.set_exception(exc)
-            per_query = (time.perf_counter() - t0) / len(live)
-            self._per_query_s = 0.8 * self._per_query_s + 0.2 * per_query
+            took = time.perf_counter() - t0
+            per_query = took / len(live)
+            if self._per_query_s == 0.0:
+                self._per_query_s, self._per_batch_s = per_query, took
+            elif len(live) >= self.max_batch // 2 or per_query < self._per_query_s:
+                # the drain rate is the one of the batches a loaded server runs; an idle
+                # server's lone queries would underrate it
+                self._per_query_s = 0.8 * self._per_query_s + 0.2 * per_query
+            self._per_batch_s = 0.8 * self._per_batch_s + 0.2 * took

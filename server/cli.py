@@ -64,6 +64,16 @@ def serve_cmd(
     force: bool | None = typer.Option(
         None, "--force/--no-force", help="Serve even if the index was built by another model."
     ),
+    max_queue_ms: float | None = typer.Option(
+        None,
+        "--max-queue-ms",
+        help="Admission bound on the estimated queue wait (default 250) before RESOURCE_EXHAUSTED.",
+    ),
+    maximum_concurrent_rpcs: int | None = typer.Option(
+        None,
+        "--maximum-concurrent-rpcs",
+        help="RPCs handled at once (default 1024); gRPC answers the excess RESOURCE_EXHAUSTED.",
+    ),
     log_format: str | None = typer.Option(None, "--log-format", help="json | text"),
     search_process: bool | None = typer.Option(
         None,
@@ -107,6 +117,8 @@ def serve_cmd(
     try:
         settings = load_settings(config, **flags)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
+        max_queue_ms=max_queue_ms,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         typer.echo(f"cir serve: invalid configuration: {exc}", err=True)
         raise typer.Exit(2) from None
     logs.configure(settings.log_format, logging.getLogger().level or logging.INFO)

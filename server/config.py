@@ -69,6 +69,12 @@ class ServerSettings(BaseSettings):
     max_wait_ms: float = Field(2.0, ge=0.0, le=10_000.0)  # wait after the first query of a batch
     adaptive_wait: bool = True  # skip that wait for a lone query while recent batches held one
     queue_size: int = Field(256, ge=1)  # queued queries beyond which RESOURCE_EXHAUSTED
+    # admission bound on the estimated queue wait (queries ahead / measured service rate) once
+    # two batches are queued: beyond it RESOURCE_EXHAUSTED with retry-after-ms
+    max_queue_ms: float = Field(250.0, gt=0)
+    # RPCs the gRPC server handles at once; beyond it gRPC answers RESOURCE_EXHAUSTED itself
+    # (without it grpc.aio's backlog of ~1000 unhandled calls cancels the excess: CANCELLED)
+    maximum_concurrent_rpcs: int = Field(1024, ge=1)
     max_batch_queries: int = Field(64, ge=1)  # queries per SearchBatch call
     default_timeout_s: float = Field(30.0, gt=0)  # deadline for calls that set none
 

@@ -453,11 +453,15 @@ class Engine:
         )
 
         t0 = time.perf_counter()
-        version = self.version
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, q in enumerate(queries):
             groups.setdefault(q.group_key(), []).append(i)
         results: list[list[Any] | RequestError] = [[] for _ in queries]
+        try:  # a read through the search process like any other: its death is UNAVAILABLE
+            version = self.version
+        except (IndexUnavailableError, IndexNotFoundError) as exc:
+            err = RequestError("UNAVAILABLE", f"index unavailable: {exc}")
+            return [err] * len(queries), "", (time.perf_counter() - t0) * 1000.0
         for idx in groups.values():
             q = queries[idx[0]]
             try:

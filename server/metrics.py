@@ -61,6 +61,20 @@ class Metrics:
         self.dropped = Counter(
             "cir_dropped_queries", "Queries dropped before encoding", ["reason"], registry=r
         )
+        self.client_gone = Counter(
+            "cir_client_gone",
+            "Calls whose client left before the answer (deadline passed or cancelled)",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "cir_admission_rejected",
+            "Queries refused at admission (queue full or wait over the bound / the deadline)",
+            registry=r,
+        )
+        self.service_rate = Gauge(
+            "cir_service_rate_qps", "Measured queries per second the model drains", registry=r
+        )
         self.cache = Counter(
             "cir_feature_cache", "Reference feature cache lookups", ["result"], registry=r
         )

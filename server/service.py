@@ -1,7 +1,15 @@
 """``cir.v1.SearchService`` on grpc.aio: validation, admission, batching, responses.
 
 Each RPC runs through :func:`_rpc`, which assigns the request id, maps errors to status codes,
-records metrics and writes one structured log line per call.
+records metrics and writes one structured log line per call (rejections under overload and
+calls whose client already left at DEBUG: they are counted in the metrics, and writing them
+would cost an overloaded server more than the rejection itself).
+
+A search is admitted or refused before any work is spent on it: the cheap checks of the request
+first (:meth:`SearchService._parse_query`), then the queue's admission
+(:meth:`SearchService._admit`: queue full, estimated wait over the bound or over the call's own
+deadline -> RESOURCE_EXHAUSTED with ``retry-after-ms``), and only then the reference image is
+decoded in the I/O pool and the query queued for the model.
 """
 
 from __future__ import annotations
@@ -19,11 +27,20 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from retrieval.index.errors import IndexNotFoundError, IndexUnavailableError
 from server import __version__
 from server._generated.cir.v1 import search_pb2 as pb
 from server._generated.cir.v1 import search_pb2_grpc as pb_grpc
-from server.batching import BatcherClosedError, Job, MicroBatcher, QueueFullError
+from server.batching import (
+    BatcherClosedError,
+    DeadlineUnmeetableError,
+    Job,
+    MicroBatcher,
+    QueueFullError,
+    Ticket,
+)
 from server.engine import Engine, Query, RequestError, public_payload, user_id_of
+from server.logs import access_level
 from server.metrics import Metrics
 from server.protoconv import MODE_NAMES, dict_to_struct, struct_to_dict
 
@@ -42,6 +59,24 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
             if 0 < len(value) <= 64 and value.isprintable():
                 return value
     return uuid.uuid4().hex[:16]
+
+
+#: A call whose deadline is this close (s) is treated as left by its client: its own timer has
+#: fired or is about to, and a status sent now would meet a call gRPC already closed.
+_GONE_S = 0.005
+
+
+def _client_gone(context: Any) -> str | None:
+    """Why the client no longer waits for this call ("deadline", "cancelled"), or None."""
+    try:
+        if context.cancelled():
+            return "cancelled"
+        remaining = context.time_remaining()
+    except Exception:  # a context without these (tests' fakes): assume the client waits
+        return None
+    if remaining is not None and remaining <= _GONE_S:
+        return "deadline"
+    return None
 
 
 def _rpc(method: str) -> Callable[..., Any]:
@@ -64,15 +99,31 @@ def _rpc(method: str) -> Callable[..., Any]:
                 resp = await fn(self, request, context, rid)
                 context.set_trailing_metadata((("x-request-id", rid),))
                 return resp
+            except (IndexUnavailableError, IndexNotFoundError) as exc:
+                # the index (its search process, its server) went away under any RPC
+                code = grpc.StatusCode.UNAVAILABLE
+                message = f"index unavailable: {exc}"
+                gone = _client_gone(context)
+                if gone:
+                    m.client_gone.labels(method, gone).inc()
+                    raise asyncio.CancelledError from None
+                await context.abort(code, message, trailing_metadata=(("x-request-id", rid),))
             except RequestError as exc:
                 code = grpc.StatusCode[exc.code]
                 message = exc.message
+                gone = _client_gone(context)
+                if gone:  # nobody to tell: aborting a closed call only makes gRPC log an error
+                    code = grpc.StatusCode.CANCELLED if gone == "cancelled" else code
+                    m.client_gone.labels(method, gone).inc()
+                    raise asyncio.CancelledError from None
                 trailing: list[tuple[str, str]] = [("x-request-id", rid)]
                 if exc.retry_after_ms is not None:
                     trailing.append(("retry-after-ms", str(exc.retry_after_ms)))
                 await context.abort(code, message, trailing_metadata=tuple(trailing))
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                if code == grpc.StatusCode.OK:  # gRPC cancelled the handler: the client left
+                    code = grpc.StatusCode.CANCELLED
+                    m.client_gone.labels(method, _client_gone(context) or "cancelled").inc()
                 raise
             except Exception as exc:
                 if type(exc).__name__ == "AbortError":  # raised by context.abort itself
@@ -86,28 +137,38 @@ def _rpc(method: str) -> Callable[..., Any]:
                 m.inflight.dec()
                 m.requests.labels(method, code.name).inc()
                 m.latency.labels(method).observe(elapsed)
-                level = logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
-                if code == grpc.StatusCode.INTERNAL:
-                    level = logging.ERROR
-                access_log.log(
-                    level,
-                    "%s %s %.1fms%s",
-                    method,
-                    code.name,
-                    elapsed * 1000.0,
-                    f" {message}" if message else "",
-                    extra={
-                        "request_id": rid,
-                        "method": method,
-                        "code": code.name,
-                        "ms": round(elapsed * 1000.0, 2),
-                    },
-                )
+                level = access_level(method, _LEVELS.get(code, logging.WARNING))
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and _client_gone(context):
+                    level = logging.DEBUG  # the client left; counted in cir_client_gone
+                if access_log.isEnabledFor(level):
+                    access_log.log(
+                        level,
+                        "%s %s %.1fms%s",
+                        method,
+                        code.name,
+                        elapsed * 1000.0,
+                        f" {message}" if message else "",
+                        extra={
+                            "request_id": rid,
+                            "method": method,
+                            "code": code.name,
+                            "ms": round(elapsed * 1000.0, 2),
+                        },
+                    )
 
         return wrapper
 
     return deco
 
+
+#: Access-log level per status code (others: WARNING). Rejections under overload and calls the
+#: client left are DEBUG: counted in the metrics, not worth a line each when thousands arrive.
+_LEVELS = {
+    grpc.StatusCode.OK: logging.INFO,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: logging.DEBUG,
+    grpc.StatusCode.CANCELLED: logging.DEBUG,
+    grpc.StatusCode.INTERNAL: logging.ERROR,
+}
 
 #: Threads that decode images, read files and call the index.
 IO_THREADS = 4
@@ -128,6 +189,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
             max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000.0,
             queue_size=settings.queue_size,
+            max_queue_s=settings.max_queue_ms / 1000.0,
             adaptive_wait=settings.adaptive_wait,
             on_drop=lambda reason, n: metrics.dropped.labels(reason).inc(n),
             on_depth=metrics.queue_depth.set,
@@ -194,7 +256,8 @@ class SearchService(pb_grpc.SearchServiceServicer):
         q.timings["decode_ms"] = (time.perf_counter() - t0) * 1000.0
         self.metrics.stage.labels("decode").observe(q.timings["decode_ms"] / 1000.0)
 
-    async def _search_query(self, request: pb.SearchRequest, where: str = "") -> Query:
+    def _parse_query(self, request: pb.SearchRequest, where: str = "") -> Query:
+        """The cheap checks of a search request (no I/O): a Query without its reference."""
         s = self.settings
         text = self._check_text(request.text, where)
         top_k = int(request.top_k) or DEFAULT_TOP_K
@@ -242,13 +305,40 @@ class SearchService(pb_grpc.SearchServiceServicer):
                 request.include_payload if request.HasField("include_payload") else True
             ),
         )
-        await self._reference(q, request, where)
         return q
 
-    # ------------------------------------------------------------------ batching
-    def _submit(self, queries: list[Query], deadline: float) -> list[asyncio.Future[Any]]:
+    # ------------------------------------------------------------------ admission, batching
+    def _admit(self, n: int, deadline: float) -> Ticket:
+        """Room for ``n`` queries in the model's queue, before any work is spent on them."""
         try:
-            return self.batcher.submit(queries, deadline)
+            ticket = self.batcher.admit(n, deadline)
+        except QueueFullError as exc:
+            self.metrics.rejected.inc(n)
+            raise RequestError("RESOURCE_EXHAUSTED", str(exc), exc.retry_after_ms) from None
+        except BatcherClosedError as exc:
+            raise RequestError("UNAVAILABLE", str(exc)) from None
+        return ticket
+
+    async def _prepare(
+        self,
+        items: list[tuple[Query, Any, str]],
+        deadline: float,
+        ticket: Ticket,
+    ) -> list[asyncio.Future[Any]]:
+        """Decode the admitted queries' references (I/O pool), then queue them with the ticket
+        (given back if anything fails on the way)."""
+        try:
+            for q, request, where in items:
+                await self._reference(q, request, where)
+            return self._submit([q for q, _, _ in items], deadline, ticket)
+        finally:
+            self.batcher.release(ticket)  # a no-op once submitted
+
+    def _submit(
+        self, queries: list[Query], deadline: float, ticket: Ticket | None = None
+    ) -> list[asyncio.Future[Any]]:
+        try:
+            return self.batcher.submit(queries, deadline, ticket)
         except QueueFullError as exc:
             raise RequestError("RESOURCE_EXHAUSTED", str(exc), exc.retry_after_ms) from None
         except BatcherClosedError as exc:
@@ -269,6 +359,8 @@ class SearchService(pb_grpc.SearchServiceServicer):
             for f in futures:
                 f.cancel()
             raise
+        except DeadlineUnmeetableError as exc:  # dropped unstarted; the client still waits
+            raise RequestError("DEADLINE_EXCEEDED", str(exc)) from None
         except BatcherClosedError as exc:
             raise RequestError("UNAVAILABLE", str(exc)) from None
 
@@ -291,6 +383,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
                 if not j.future.done():
                     j.future.set_exception(err)
             return
+        self.metrics.service_rate.set(self.batcher.service_rate)
         self.metrics.stage.labels("reference").observe(t["reference_ms"] / 1000.0)
         self.metrics.stage.labels("encode").observe(t["encode_ms"] / 1000.0)
         for j in batch:
@@ -315,6 +408,9 @@ class SearchService(pb_grpc.SearchServiceServicer):
             results, version, ms = await self._io(
                 self._engine.search, vectors, [j.item for j in jobs]
             )
+        except (IndexUnavailableError, IndexNotFoundError) as exc:
+            results = [RequestError("UNAVAILABLE", f"index unavailable: {exc}")] * len(jobs)
+            version, ms = "", 0.0
         except Exception as exc:
             logger.exception("search failed")
             results = [RequestError("INTERNAL", f"search failed: {exc}")] * len(jobs)
@@ -361,8 +457,9 @@ class SearchService(pb_grpc.SearchServiceServicer):
     async def Search(self, request: pb.SearchRequest, context: Any, rid: str) -> Any:
         t0 = time.perf_counter()
         deadline = self._deadline(context)
-        q = await self._search_query(request)
-        (fut,) = self._submit([q], deadline)
+        q = self._parse_query(request)
+        ticket = self._admit(1, deadline)
+        (fut,) = await self._prepare([(q, request, "")], deadline, ticket)
         ((hits, version),) = await self._await_all([fut], deadline)
         return self._response(q, hits, version, rid, t0)
 
@@ -378,10 +475,13 @@ class SearchService(pb_grpc.SearchServiceServicer):
                 "INVALID_ARGUMENT", f"{n} queries; at most {s.max_batch_queries} per SearchBatch"
             )
         deadline = self._deadline(context)
-        queries = [
-            await self._search_query(r, f"queries[{i}]: ") for i, r in enumerate(request.queries)
+        items = [
+            (self._parse_query(r, f"queries[{i}]: "), r, f"queries[{i}]: ")
+            for i, r in enumerate(request.queries)
         ]
-        futures = self._submit(queries, deadline)
+        queries = [q for q, _, _ in items]
+        ticket = self._admit(n, deadline)
+        futures = await self._prepare(items, deadline, ticket)
         done = await self._await_all(futures, deadline)
         return pb.SearchBatchResponse(
             responses=[
@@ -394,8 +494,8 @@ class SearchService(pb_grpc.SearchServiceServicer):
     async def EncodeQuery(self, request: pb.EncodeQueryRequest, context: Any, rid: str) -> Any:
         deadline = self._deadline(context)
         q = Query(text=self._check_text(request.text), search=False)
-        await self._reference(q, request)
-        (fut,) = self._submit([q], deadline)
+        ticket = self._admit(1, deadline)
+        (fut,) = await self._prepare([(q, request, "")], deadline, ticket)
         (vec,) = await self._await_all([fut], deadline)
         tm = q.timings
         return pb.EncodeQueryResponse(

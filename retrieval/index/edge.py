@@ -40,11 +40,14 @@ from retrieval.index.errors import (
     IndexNotFoundError,
     ModelMismatchError,
 )
-from retrieval.index.versions import Catalog, OwnerLock, Pointer, is_locked
+from retrieval.index.versions import Catalog, OwnerLock, Pointer, is_locked, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 UPSERT_BATCH = 256  # points per engine update call (bounded memory per call)
+#: Written into a version's folder once its shard is optimized (indexes built) after its last
+#: write; removed by the next write. A version without it is never activated.
+FINISHED_FILE = "finished.json"
 
 
 def _edge() -> Any:
@@ -136,6 +139,7 @@ class _Shard:
         self.options = options
         self.meta, self.created = catalog.read_meta(version)
         self.path = catalog.version_dir(version) / "shard"
+        self.finished_path = catalog.version_dir(version) / FINISHED_FILE
         self.lock = catalog.lock(version)
         self.lock.acquire()  # IndexInUseError when another opener has it
         try:
@@ -195,29 +199,53 @@ class _Shard:
             if self.refs == 0:
                 self._close_locked()
 
-    def close(self, wait: float = 30.0) -> None:
+    def close(self, wait: float = 30.0, finish: bool = False) -> None:
+        """Close once idle; ``finish``: also optimize a shard not finished yet (a writer's
+        close, also when this process wrote nothing: a resumed build after a kill)."""
         with self.cv:
             self.cv.wait_for(lambda: self.refs == 0, timeout=wait)
-            self._close_locked()
+            self._close_locked(finish)
 
-    def _close_locked(self) -> None:
+    def _close_locked(self, finish: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            if self.dirty:
+            if self.dirty or (finish and not self.finished):
                 self.finish()
             self.shard.flush()
             self.shard.close()
         finally:
             self.lock.release()
 
+    @property
+    def finished(self) -> bool:
+        """Optimized since its last write (by this process or an earlier one)."""
+        return not self.dirty and self.finished_path.exists()
+
+    def _written(self) -> None:
+        """Called before every write: the shard is not finished any more."""
+        if not self.dirty:
+            self.dirty = True
+            self.finished_path.unlink(missing_ok=True)
+
     def finish(self) -> None:
-        """Build indexes (HNSW on pooled, int8 on tokens) for what was written."""
+        """Build indexes (HNSW on pooled, int8 on tokens) for what was written, then record
+        it. Idempotent: optimizing an optimized shard returns at once."""
         t0 = time.perf_counter()
         self.shard.optimize()
         self.shard.flush()
+        info = self.shard.info()
         self.dirty = False
+        write_json_atomic(
+            self.finished_path,
+            {
+                "finished": time.time(),
+                "points": int(info.points_count),
+                "segments": int(info.segments_count),
+                "indexed_vectors": int(info.indexed_vectors_count),
+            },
+        )
         logger.info(
             "optimized %s %s in %.1fs", self.catalog.name, self.version, time.perf_counter() - t0
         )
@@ -237,7 +265,7 @@ class _Shard:
         bools = [f for f, t in self.meta.fields.items() if t == "bool"]
         with self.write_lock:
             self._count = None
-            self.dirty = True
+            self._written()
             for s in range(0, len(ids), UPSERT_BATCH):
                 pts = []
                 for i in range(s, min(len(ids), s + UPSERT_BATCH)):
@@ -255,7 +283,7 @@ class _Shard:
         q = _edge()
         with self.write_lock:
             self._count = None
-            self.dirty = True
+            self._written()
             pids = [common.point_id(i) for i in ids]
             for s in range(0, len(pids), 1000):
                 self.shard.update(q.UpdateOperation.delete_points(pids[s : s + 1000]))
@@ -521,10 +549,12 @@ class EdgeVersionHandle(_EdgeOps, VersionHandle):
         return d
 
     def close(self) -> None:
-        """Flush, build the indexes and release the shard (then it can be activated/served)."""
+        """Flush, build the indexes and release the shard (then it can be activated/served).
+        A writable handle always leaves its version finished, also when it wrote nothing (a
+        build resumed after a kill before the indexes were built)."""
         if self._shard is not None:
             if not self._borrowed:
-                self._shard.close()
+                self._shard.close(finish=not self.read_only)
             self._shard = None
         self._index._handles.discard(self)
 
@@ -727,6 +757,7 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
         for h in list(self._handles):
             if h.version == version:
                 h.close()  # flush + build indexes + release, so a server can open it
+        self._ensure_finished(version)
         with self._mutex, self.catalog.mutex():
             ptr = self.catalog.read_pointer()
             self.catalog.mark_activated(version)
@@ -739,6 +770,34 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
                 self._shard = None
                 old.retire()
         self._prune()
+
+    def _ensure_finished(self, version: str) -> None:
+        """Never activate a version whose indexes were not built: finish it here when its last
+        writer did not (killed before its close), or refuse."""
+        if (self.catalog.version_dir(version) / FINISHED_FILE).exists():
+            return
+        if self.catalog.read_pointer().active == version:
+            return  # already active (and served): nothing is switched
+        with self._mutex:
+            cur = self._shard
+            if cur is not None and cur.version == version and not cur.closed:
+                with cur.write_lock:
+                    cur.finish()
+                return
+        try:
+            shard = _Shard(self.catalog, version, self._options)
+        except IndexInUseError as exc:
+            raise GalleryIndexError(
+                f"refusing to activate {version}: its indexes were never built (its build "
+                f"stopped before finishing) and another process holds it: {exc}. Let that "
+                "build finish (or resume it), then activate."
+            ) from exc
+        logger.warning(
+            "index %r: %s was not finished by its build; building its indexes before activating",
+            self.name,
+            version,
+        )
+        shard.close(finish=True)
 
     def _prune(self) -> None:
         ptr = self.catalog.read_pointer()

@@ -12,9 +12,14 @@ over a few pipes, so searches run on their own interpreter and the parent's GIL 
 
 The child owns the shard (its pid is the one an ``IndexInUseError`` names) and exits when the
 parent closes the index or dies (its pipes close); it ignores SIGINT and SIGTERM, which a
-terminal or a service manager sends to the whole process group while the server still drains. If the child dies while serving, the call in
-flight raises :class:`IndexUnavailableError` and the next call starts a new child, which
-reopens the active version.
+terminal or a service manager sends to the whole process group while the server still drains.
+
+Every way the child can be lost raises :class:`IndexUnavailableError` (the server's
+UNAVAILABLE): a call in flight when it dies, and a restart that fails (the replacement killed
+while it opens the index, or refused by the backend). The next call starts a new child, which
+reopens the active version. The active version, its meta and its declared fields are kept in
+this process (they change only through :meth:`ProcessIndex.refresh` or a restart), so reading
+them costs no round trip and cannot fail.
 """
 
 from __future__ import annotations
@@ -160,6 +165,10 @@ class ProcessIndex:
         self._conns: list[Connection] = []
         self._proc: Any = None
         self._generation = 0
+        # the child's version facts (active_version, meta, declared_fields), kept until a
+        # refresh switches versions or a new child starts (which replace the whole dict: a
+        # value fetched across the change lands in the old one)
+        self._facts: dict[str, Any] = {}
         self.restarts = 0
         self._start()
 
@@ -173,20 +182,32 @@ class ProcessIndex:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # the folder holding `retrieval`
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "retrieval.index.process", *map(str, fds)],
-            pass_fds=fds,
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "retrieval.index.process", *map(str, fds)],
+                pass_fds=fds,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:  # out of processes / file descriptors
+            for a, b in pairs:
+                a.close()
+                b.close()
+            raise IndexUnavailableError(f"cannot start the search process: {exc}") from exc
         for _, child in pairs:
             child.close()  # the child's ends live in the child only: EOF when it dies
         conns = [Connection(parent.detach()) for parent, _ in pairs]
+        version: Any = None
         try:
             conns[0].send(
                 (self._uri, self._name, self._kwargs, logging.getLogger().getEffectiveLevel())
             )
             ok, value = conns[0].recv()
+            if ok:  # what it opened (a restart may find a newer version than the last child's)
+                conns[0].send(("attr", "active_version", (), {}))
+                ok, version = conns[0].recv()
+                if not ok:
+                    ok, value = False, version
         except (EOFError, OSError):
             for c in conns:
                 c.close()
@@ -200,11 +221,12 @@ class ProcessIndex:
                 c.close()
             _wait(proc, 10)
             raise value
-        self._proc, self._conns = proc, conns
-        self._generation += 1
-        self._free = queue.SimpleQueue()
+        free: queue.SimpleQueue[Connection] = queue.SimpleQueue()
         for c in conns:
-            self._free.put(c)
+            free.put(c)
+        self._proc, self._conns, self._free = proc, conns, free
+        self._generation += 1
+        self._set_facts({"active_version": version})
         logger.info("index %r served by search process pid %d", self._name, proc.pid)
 
     def _stop_child(self, wait: float = 30.0) -> None:
@@ -221,6 +243,18 @@ class ProcessIndex:
         """The child's process id (the shard's owner)."""
         return None if self._proc is None else int(self._proc.pid)
 
+    def _set_facts(self, facts: dict[str, Any]) -> None:
+        self._facts = dict(facts)
+
+    def _fact(self, name: str) -> Any:
+        """A version fact of the child, fetched once per version."""
+        facts = self._facts
+        if name in facts:
+            return facts[name]
+        value = self._call("attr" if name != "declared_fields" else "call", name)
+        facts[name] = value
+        return value
+
     def _ensure_child(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
@@ -232,16 +266,28 @@ class ProcessIndex:
             code = None if self._proc is None else self._proc.returncode
             logger.error("search process exited (code %s); starting a new one", code)
             self._stop_child(wait=1.0)
-            self._start()
+            try:
+                self._start()
+            except IndexUnavailableError:
+                raise
+            except GalleryIndexError as exc:  # e.g. the dead child's shard not released yet
+                raise IndexUnavailableError(
+                    f"the search process of index {self._name!r} could not be restarted: {exc}"
+                ) from exc
             self.restarts += 1
 
     # ------------------------------------------------------------------ calls
     def _call(self, op: str, name: str, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
             raise GalleryIndexError("the index is closed")
-        self._ensure_child()
-        generation = self._generation
-        conn = self._free.get()
+        while True:
+            self._ensure_child()
+            generation, free = self._generation, self._free
+            try:
+                conn = free.get(timeout=1.0)
+                break
+            except queue.Empty:  # every connection busy, or a restart replaced them
+                continue
         try:
             conn.send((op, name, args, kwargs))
             ok, value = conn.recv()
@@ -299,7 +345,7 @@ class ProcessIndex:
         return int(self._call("call", "count", filter))
 
     def declared_fields(self) -> dict[str, Any]:
-        return dict(self._call("call", "declared_fields"))
+        return dict(self._fact("declared_fields"))
 
     def iter_records(self, **kwargs: Any) -> list[Record]:
         """Every record, as one list (the child materialises the iterator)."""
@@ -322,16 +368,20 @@ class ProcessIndex:
 
     def refresh(self) -> bool:
         """Switch the child to a newly activated version (see ``GalleryIndex.refresh``)."""
-        return bool(self._call("call", "refresh"))
+        changed = bool(self._call("call", "refresh"))
+        if changed:
+            self._set_facts({"active_version": self._call("attr", "active_version")})
+        return changed
 
     @property
     def active_version(self) -> str | None:
-        version: str | None = self._call("attr", "active_version")
+        """The version the child serves (kept here: no round trip)."""
+        version: str | None = self._fact("active_version")
         return version
 
     @property
     def meta(self) -> VersionMeta | None:
-        meta: VersionMeta | None = self._call("attr", "meta")
+        meta: VersionMeta | None = self._fact("meta")
         return meta
 
     @property

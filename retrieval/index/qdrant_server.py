@@ -857,11 +857,43 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
         with self._mutex:
             cur = self._alias_target()
             if cur != version:
+                self._wait_indexed(self._collection(version))
                 history = [v for v in [cur, *self._history()] if v and v != version]
                 self._switch_alias(version, history)
                 logger.info("index %r: active version %s -> %s", self.name, cur, version)
             self._t = _Target(self, self._collection(version), version, meta)
         self._prune()
+
+    def _wait_indexed(self, coll: str) -> None:
+        """The server-side finish of a version: its optimizers have built the indexes of what
+        was written (status green), also when the writer of the last points was killed. A
+        version still optimizing after ``activate_timeout_s`` (option, default 600) is not
+        activated. Local mode has no optimizer (always green)."""
+        m = _models()
+        limit = float(self._options.get("activate_timeout_s", 600.0))
+        deadline = time.monotonic() + limit
+        nudged = False
+        while True:
+            info = self._call(self.client.get_collection, coll)
+            status = info.status
+            if status == m.CollectionStatus.GREEN:
+                return
+            if status == m.CollectionStatus.RED:
+                raise GalleryIndexError(
+                    f"refusing to activate {coll}: the collection failed to optimize (status red)"
+                )
+            if status == m.CollectionStatus.GREY and not nudged:
+                # optimizations pending but not started (e.g. after a server restart)
+                self._call(
+                    self.client.update_collection, coll, optimizers_config=m.OptimizersConfigDiff()
+                )
+                nudged = True
+            if time.monotonic() > deadline:
+                raise GalleryIndexError(
+                    f"refusing to activate {coll}: its indexes are still being built after "
+                    f"{limit:.0f}s (status {status}); activate it once the server finished"
+                )
+            time.sleep(0.2)
 
     def _prune(self) -> None:
         active = self._alias_target()
