@@ -114,6 +114,7 @@ def run_preset(preset: str, n: int, args: argparse.Namespace, work: Path) -> dic
         index=f"edge:{work / ('ix-' + preset)}",
         name="bench",
         model=preset,
+        allow_untrained=True,  # throughput of the presets' architectures: weights do not matter
         batch_size=args.batch_size,
         workers=args.workers,
         progress=False,

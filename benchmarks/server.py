@@ -257,6 +257,10 @@ def start_server(
         "--dtype",
         dtype,
     ]
+    from retrieval.model_source import is_untrained_preset
+
+    if is_untrained_preset(model):  # the sprc-small fallback (no demo model): random weights
+        cmd.append("--allow-untrained")
     if not getattr(args, "search_process", True):
         cmd.append("--no-search-process")
     env = dict(os.environ)

@@ -22,7 +22,18 @@ def serve_cmd(
     config: Path | None = typer.Option(
         None, "--config", help="TOML or YAML file with settings (flags > CIR_* env > file)."
     ),
-    model: str | None = typer.Option(None, "--model", help="Checkpoint folder or preset name."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Checkpoint folder (default: the committed demo model models/sprc-shapes); a "
+        "preset name means random weights and needs --allow-untrained.",
+    ),
+    allow_untrained: bool = typer.Option(
+        False,
+        "--allow-untrained",
+        envvar="CIR_ALLOW_UNTRAINED",
+        help="Serve a preset name (RANDOM weights): tests and benchmarks only.",
+    ),
     index: str | None = typer.Option(
         None, "--index", help="Index URI: edge:PATH | qdrant:URL | local:PATH."
     ),
@@ -53,6 +64,16 @@ def serve_cmd(
     queue_size: int | None = typer.Option(
         None, "--queue-size", help="Queued queries before RESOURCE_EXHAUSTED."
     ),
+    max_queue_ms: float | None = typer.Option(
+        None,
+        "--max-queue-ms",
+        help="Admission bound on the estimated queue wait (default 250) before RESOURCE_EXHAUSTED.",
+    ),
+    maximum_concurrent_rpcs: int | None = typer.Option(
+        None,
+        "--maximum-concurrent-rpcs",
+        help="RPCs handled at once (default 1024); gRPC answers the excess RESOURCE_EXHAUSTED.",
+    ),
     api_key: str | None = typer.Option(
         None, "--api-key", help="Require this API key (prefer CIR_API_KEY in the environment)."
     ),
@@ -63,16 +84,6 @@ def serve_cmd(
     ),
     force: bool | None = typer.Option(
         None, "--force/--no-force", help="Serve even if the index was built by another model."
-    ),
-    max_queue_ms: float | None = typer.Option(
-        None,
-        "--max-queue-ms",
-        help="Admission bound on the estimated queue wait (default 250) before RESOURCE_EXHAUSTED.",
-    ),
-    maximum_concurrent_rpcs: int | None = typer.Option(
-        None,
-        "--maximum-concurrent-rpcs",
-        help="RPCs handled at once (default 1024); gRPC answers the excess RESOURCE_EXHAUSTED.",
     ),
     log_format: str | None = typer.Option(None, "--log-format", help="json | text"),
     search_process: bool | None = typer.Option(
@@ -106,6 +117,8 @@ def serve_cmd(
         max_wait_ms=max_wait_ms,
         adaptive_wait=adaptive_wait,
         queue_size=queue_size,
+        max_queue_ms=max_queue_ms,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         api_key=api_key,
         tls_cert=tls_cert,
         tls_key=tls_key,
@@ -117,9 +130,14 @@ def serve_cmd(
     try:
         settings = load_settings(config, **flags)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
-        max_queue_ms=max_queue_ms,
-        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         typer.echo(f"cir serve: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from retrieval.model_source import UntrainedModelError, check_trained
+
+    try:  # the model may come from a flag, CIR_MODEL or the config file: check what was chosen
+        check_trained(settings.model, allow_untrained, "cir serve")
+    except UntrainedModelError as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     logs.configure(settings.log_format, logging.getLogger().level or logging.INFO)
     code = asyncio.run(serve(settings))

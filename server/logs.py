@@ -9,6 +9,16 @@ from typing import Any
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
+#: RPCs whose successful calls are access-logged at DEBUG, not INFO: a results page fetches every
+#: image it shows (270 GetImage calls a page), which would bury the searches in the log. Failed
+#: calls keep their level; every call is still counted in the metrics (cir_requests_total).
+QUIET_RPCS = frozenset({"GetImage"})
+
+
+def access_level(method: str, level: int) -> int:
+    """The access-log level of a call of ``method`` that would be logged at ``level``."""
+    return logging.DEBUG if method in QUIET_RPCS and level == logging.INFO else level
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, plus any ``extra=`` fields."""

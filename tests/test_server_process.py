@@ -46,6 +46,7 @@ def test_serve_sigterm_drains_in_flight(tmp_path: Path, encoder: Any) -> None:
         "serve",
         "--model",
         "tiny",
+        "--allow-untrained",
         "--index",
         uri,
         "--port",
