@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
     convert.register(app)
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
+    app.command("train-reranker")(train_reranker_cmd)
 
 
 def train_cmd(
@@ -159,18 +160,122 @@ def eval_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | auto"),
     num_threads: int = typer.Option(0, help="Torch CPU threads (0 = default)."),
+    rerank: int | None = typer.Option(
+        None,
+        "--rerank",
+        help="Re-rank each query's first-stage top-K with the re-ranker (0 = off; default 50 "
+        "when the model folder has a re-ranker).",
+    ),
+    reranker_dir: Path | None = typer.Option(
+        None, "--reranker", help="Re-ranker folder (default: MODEL/reranker when present)."
+    ),
 ) -> None:
-    """Recall@1/5/10/50 over the gallery, with image-only and text-only baselines."""
+    """Recall@1/5/10/50 over the gallery, with image-only and text-only baselines; with a
+    re-ranker, the first stage alone and re-ranked, in one run."""
     from retrieval.encoder import Encoder
     from retrieval.evaluate import evaluate, format_table, write_json
+    from retrieval.rerank import DEFAULT_RERANK_K, RerankerError, load_reranker_for
 
+    if rerank is not None and rerank < 0:
+        typer.echo("error: --rerank must be >= 0", err=True)
+        raise typer.Exit(code=2)
     enc = Encoder.from_pretrained(
         model, device=device, dtype=dtype, num_threads=num_threads or None
     )
+    try:
+        reranker = load_reranker_for(model, reranker_dir, enc) if rerank != 0 else None
+    except RerankerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    if rerank and reranker is None:
+        typer.echo(f"error: --rerank {rerank} needs a re-ranker (--reranker DIR)", err=True)
+        raise typer.Exit(code=2)
+    k = (rerank if rerank is not None else DEFAULT_RERANK_K) if reranker is not None else 0
     res = evaluate(
-        enc, data, split, limit=limit or None, batch_size=batch_size, baselines=not no_baselines
+        enc,
+        data,
+        split,
+        limit=limit or None,
+        batch_size=batch_size,
+        baselines=not no_baselines,
+        reranker=reranker,
+        rerank_k=k,
     )
     typer.echo(format_table(res))
     if json_out:
         write_json(res, json_out)
         typer.echo(f"wrote {json_out}")
+
+
+def train_reranker_cmd(
+    data: Path = typer.Option(
+        ..., "--data", help="Data dir with train.jsonl (+ val.jsonl, gallery.jsonl)."
+    ),
+    encoder: Path = typer.Option(
+        ..., "--encoder", help="The trained first-stage model folder (frozen)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Run directory (features, checkpoints, model)."),
+    features: str = typer.Option(
+        "targets", help="Candidate features: targets (stored Q x D vectors) | patches (ViT)."
+    ),
+    width: int = typer.Option(128, help="Re-ranker hidden size."),
+    layers: int = typer.Option(2, help="Re-ranker blocks."),
+    heads: int = typer.Option(4, help="Attention heads."),
+    mine_k: int = typer.Option(50, help="Mined first-stage candidates per triplet."),
+    negatives: int = typer.Option(15, help="Hard negatives per triplet per step (of the mined)."),
+    in_batch: int = typer.Option(8, help="In-batch negatives per triplet per step."),
+    batch_size: int = typer.Option(32, help="Triplets per step."),
+    max_steps: int = typer.Option(3000, help="Total optimizer steps."),
+    lr: float = typer.Option(5e-4, help="Peak learning rate."),
+    warmup: float = typer.Option(0.05, help="Warmup fraction of total steps."),
+    seed: int = typer.Option(0, help="Seed for init, batch order and negative sampling."),
+    save_every: int = typer.Option(200, help="Checkpoint every N steps."),
+    val_every: int = typer.Option(1000, help="Validate every N steps (0 = at the end only)."),
+    val_limit: int = typer.Option(300, help="Val triplets per validation (0 = all)."),
+    val_gallery: int = typer.Option(1000, help="Gallery size for validation (0 = full)."),
+    time_budget_min: float = typer.Option(
+        0.0, help="Stop and save after this many minutes (0 = none)."
+    ),
+    limit: int = typer.Option(0, help="Use only the first N train triplets."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    num_threads: int = typer.Option(0, help="Torch CPU threads (0 = default)."),
+    precision: str = typer.Option("auto", help="Autocast: auto (bf16 on CUDA) | bf16 | fp32."),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Continue from OUT/checkpoints/last."
+    ),
+) -> None:
+    """Train the second-stage re-ranker on the first stage's mined hard negatives."""
+    from retrieval.rerank_train import RerankTrainConfig, train_reranker
+
+    cfg = RerankTrainConfig(
+        data=str(data),
+        encoder=str(encoder),
+        out=str(out),
+        features=features,
+        width=width,
+        layers=layers,
+        heads=heads,
+        mine_k=mine_k,
+        negatives=negatives,
+        in_batch=in_batch,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        lr=lr,
+        warmup=warmup,
+        seed=seed,
+        save_every=save_every,
+        val_every=val_every,
+        val_limit=val_limit,
+        val_gallery=val_gallery,
+        time_budget_min=time_budget_min,
+        limit=limit,
+        device=device,
+        num_threads=num_threads,
+        precision=precision,
+    )
+    try:
+        summary = train_reranker(cfg, resume=resume)
+    except (ValueError, FileNotFoundError) as exc:  # bad data or options: one line, exit 2
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(json.dumps(summary, indent=2))

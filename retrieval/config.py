@@ -29,7 +29,8 @@ class SPRCConfig:
     vision_num_layers: int = 39  # ViT depth (LAVIS drops EVA-g's last block: 40 -> 39)
     vision_num_heads: int = 16  # ViT attention heads
     vision_intermediate_size: int = 6144  # ViT MLP width
-    vision_layer_norm_eps: float = 1e-6  # EVA/LAVIS eps
+    vision_layer_norm_eps: float = 1e-6  # EVA blocks' eps (LAVIS)
+    ln_vision_eps: float = 1e-5  # LAVIS's ln_vision is a plain nn.LayerNorm (eps 1e-5), not 1e-6
     # --- Q-Former (BERT-base with cross-attention) ---
     qformer_hidden_size: int = 768  # Q-Former width
     qformer_num_layers: int = 12  # Q-Former depth

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from retrieval.data.triplets import GalleryItem, Triplet, load_gallery, load_triplets, resolve_path
 from retrieval.encoder import Encoder
 from retrieval.imageio import decode_image
+from retrieval.rerank import Reranker, candidate_patches, query_features
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class GalleryFeatures:
     ids: list[str]
     index: dict[str, int]
     tokens: torch.Tensor  # [G, Q, D] float32
+    patches: torch.Tensor | None = None  # [G, T, C] ViT tokens (a "patches" re-ranker's input)
 
 
 def load_images(data_dir: Path, paths: Sequence[str]) -> list[Any]:
@@ -73,23 +75,26 @@ def encode_gallery(
     items: Sequence[GalleryItem],
     batch_size: int = 64,
     progress: bool = True,
+    patches: bool = False,
 ) -> GalleryFeatures:
     feats = []
+    vit: list[torch.Tensor] = []
     it = range(0, len(items), batch_size)
     for i in tqdm(it, desc="gallery", disable=not progress, unit="batch"):
         chunk = items[i : i + batch_size]
-        feats.append(
-            encoder.encode_targets(
-                load_images(data_dir, [g.path for g in chunk]), batch_size=batch_size
-            )
-        )
+        px = encoder.preprocess(load_images(data_dir, [g.path for g in chunk]))
+        feats.append(encoder.encode_target_pixels(px))
+        if patches:
+            vit.append(candidate_patches(encoder, px).cpu())
     tokens = (
         torch.from_numpy(np.concatenate(feats))
         if feats
         else torch.zeros(0, encoder.num_queries, encoder.dim)
     )
     ids = [g.id for g in items]
-    return GalleryFeatures(ids, {g: i for i, g in enumerate(ids)}, tokens)
+    return GalleryFeatures(
+        ids, {g: i for i, g in enumerate(ids)}, tokens, torch.cat(vit) if vit else None
+    )
 
 
 def evaluate(
@@ -105,10 +110,20 @@ def evaluate(
     baselines: bool = True,
     progress: bool = True,
     seed: int = 0,
+    reranker: Reranker | None = None,
+    rerank_k: int = 0,
 ) -> dict[str, Any]:
     """Recall@K of ``encoder`` on ``split``; see module docstring. ``gallery_limit`` restricts the
     gallery to the split's references/targets plus a seeded sample of the rest (for fast
-    validation during training); the full gallery is the default."""
+    validation during training); the full gallery is the default. With a ``reranker`` and
+    ``rerank_k`` > 0 each query's first-stage top-``rerank_k`` (reference excluded) is re-ranked
+    too, and ``result["rerank"]`` holds that ranking's recall and by-type recall beside the
+    first stage's (the same queries, gallery and baselines)."""
+    rerank = reranker is not None and rerank_k > 0
+    if rerank:
+        assert reranker is not None
+        reranker.check_encoder(encoder)
+    source = reranker.config.features if reranker is not None else "targets"
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
     triplets: list[Triplet] = [t for t in load_triplets(data_dir, split) if t.target_id]
@@ -125,14 +140,16 @@ def evaluate(
             n_keep = min(len(rest), max(0, gallery_limit - len(needed)))
             keep: list[int] = rng.choice(len(rest), size=n_keep, replace=False).tolist()
             items = [g for g in items if g.id in needed] + [rest[i] for i in sorted(keep)]
-        gallery = encode_gallery(encoder, data_dir, items, batch_size, progress)
+        gallery = encode_gallery(
+            encoder, data_dir, items, batch_size, progress, patches=rerank and source == "patches"
+        )
     missing = [t.target_id for t in triplets if t.target_id not in gallery.index]
     if missing:
         raise ValueError(
             f"{len(missing)} target ids of {split} are not in the gallery, e.g. {missing[:3]}"
         )
 
-    ranks: dict[str, list[int]] = {"sprc": [], "image_only": [], "text_only": []}
+    ranks: dict[str, list[int]] = {"sprc": [], "image_only": [], "text_only": [], "rerank": []}
     for i in tqdm(
         range(0, len(triplets), batch_size), desc=split, disable=not progress, unit="batch"
     ):
@@ -142,8 +159,18 @@ def evaluate(
         refs = load_images(data_dir, [t.reference for t in chunk])
         texts = [t.caption for t in chunk]
         feats = encoder.reference_features(refs)
-        q = encoder.encode_queries(None, texts, ref_features=feats, batch_size=batch_size)
-        ranks["sprc"] += target_ranks(maxsim_scores(q, gallery.tokens), tgt, excl).tolist()
+        if rerank:
+            assert reranker is not None
+            qf = query_features(encoder, feats, texts, source)
+            q = qf.query.cpu().numpy()
+            scores = maxsim_scores(q, gallery.tokens)
+            ranks["sprc"] += target_ranks(scores, tgt, excl).tolist()
+            ranks["rerank"] += rerank_ranks(
+                reranker, qf, scores, gallery, tgt, excl, rerank_k
+            ).tolist()
+        else:
+            q = encoder.encode_queries(None, texts, ref_features=feats, batch_size=batch_size)
+            ranks["sprc"] += target_ranks(maxsim_scores(q, gallery.tokens), tgt, excl).tolist()
         if baselines:
             with torch.inference_mode():
                 ref_tokens = encoder.model.target_features(feats.to(encoder.dtype)).float().cpu()
@@ -180,8 +207,50 @@ def evaluate(
         for typ, idx in by_type_idx.items():
             for name in ("image_only", "text_only"):
                 result["by_type"][typ][name] = recall_at(np.asarray(ranks[name])[idx], ks)
+    if rerank:
+        assert reranker is not None
+        rr = np.asarray(ranks["rerank"])
+        result["rerank"] = {
+            "k": rerank_k,
+            "reranker": reranker.fingerprint,
+            "recall": recall_at(rr, ks),
+            "by_type": {
+                typ: {"n": len(idx), "recall": recall_at(rr[idx], ks)}
+                for typ, idx in sorted(by_type_idx.items())
+            },
+            "mean_rank": float(rr.mean() + 1),
+        }
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
+
+
+def rerank_ranks(
+    reranker: Reranker,
+    qf: Any,
+    scores: torch.Tensor,
+    gallery: GalleryFeatures,
+    target_idx: Sequence[int],
+    exclude_idx: Sequence[int],
+    k: int,
+) -> np.ndarray:
+    """0-based rank of each row's target after re-ranking its first-stage top-k (reference
+    excluded); a target outside the top-k keeps its first-stage rank (>= k)."""
+    scores = scores.clone()
+    rows = torch.arange(scores.shape[0])
+    excl = torch.tensor(exclude_idx)
+    scores[rows[excl >= 0], excl[excl >= 0]] = float("-inf")
+    k = min(k, scores.shape[1])
+    first, top = scores.topk(k, dim=1)  # [B, k]
+    source = gallery.tokens if reranker.config.features == "targets" else gallery.patches
+    assert source is not None, "a patches re-ranker needs the gallery's ViT tokens"
+    rr = reranker.score(qf, source[top], first)  # [B, k]
+    tgt = torch.tensor(target_idx)
+    first_rank = torch.from_numpy(target_ranks(scores, target_idx, [-1] * len(target_idx)))
+    hit = top == tgt[:, None]  # [B, k]
+    in_top = hit.any(dim=1)
+    tgt_rr = rr.masked_fill(~hit, float("-inf")).amax(dim=1)
+    rr_rank = (rr > tgt_rr[:, None]).sum(dim=1)
+    return torch.where(in_top, rr_rank, first_rank).numpy()
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -194,6 +263,12 @@ def format_table(result: dict[str, Any]) -> str:
         head,
         f"{'SPRC (image+text)':<22}" + "".join(f"{100 * result['recall'][k]:>9.2f}" for k in ks),
     ]
+    if "rerank" in result:
+        rr = result["rerank"]
+        lines.append(
+            f"{'SPRC + re-rank@' + str(rr['k']):<22}"
+            + "".join(f"{100 * rr['recall'][k]:>9.2f}" for k in ks)
+        )
     for name, res in result.get("baselines", {}).items():
         lines.append(
             f"{name.replace('_', '-') + ' baseline':<22}"
@@ -205,6 +280,13 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"{typ:<16}{res['n']:>6}" + "".join(f"{100 * res['recall'][k]:>9.2f}" for k in ks)
         )
+    if "rerank" in result:
+        lines.append("")
+        lines.append(f"{'by type (re-rank)':<16}{'n':>6}" + "".join(f"{'R@' + k:>9}" for k in ks))
+        for typ, res in result["rerank"]["by_type"].items():
+            lines.append(
+                f"{typ:<16}{res['n']:>6}" + "".join(f"{100 * res['recall'][k]:>9.2f}" for k in ks)
+            )
     return "\n".join(lines)
 
 

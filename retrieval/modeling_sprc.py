@@ -7,6 +7,7 @@ Shapes (B batch, T ViT tokens, C ViT width, Q queries, H Q-Former width, D embed
   image_features(pixels [B,3,S,S])               -> [B, T, C]   ViT + ln_vision
   target_features(image_embeds [B,T,C])          -> [B, Q, D]   normalised, one row per query
   sentence_prompt(image_embeds, ids, mask)        -> [B, Q, H]   fusion pass query outputs
+  fusion_states(image_embeds, ids, mask)          -> [B, Q+L, H] whole fusion pass (re-ranker)
   compose(prompt [B,Q,H], ids, mask)              -> [B, D]      normalised composed query
   text_features(ids, mask)                        -> [B, D]      text-only ([CLS]) path
   prompt_text_features(ids, mask)                 -> [B, D]      rtc path with prompt_tokens
@@ -82,6 +83,9 @@ class SPRCModel(nn.Module):
         self.config = config
         q, h = config.num_query_tokens, config.qformer_hidden_size
         self.vision_model = Blip2VisionModel(vision_config(config))
+        # transformers' port gives post_layernorm (= LAVIS ln_vision) the blocks' eps; LAVIS
+        # builds ln_vision as a plain nn.LayerNorm, eps 1e-5.
+        self.vision_model.post_layernorm.eps = config.ln_vision_eps
         self.query_tokens = nn.Parameter(torch.zeros(1, q, h))
         self.prompt_tokens = nn.Parameter(torch.zeros(1, q, h))  # SPRC only (loss_rtc/align)
         self.embeddings = Blip2TextEmbeddings(qformer_config(config))
@@ -169,6 +173,17 @@ class SPRCModel(nn.Module):
     ) -> torch.Tensor:
         """Fusion pass: [queries; caption] attend to each other, queries cross-attend to the
         reference image. Returns the Q query outputs (the sentence-level prompt). [B, Q, H]."""
+        return self.fusion_states(image_embeds, input_ids, attention_mask)[:, : self.query_len]
+
+    @property
+    def query_len(self) -> int:
+        return self.query_tokens.shape[1]
+
+    def fusion_states(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The whole fusion pass output: Q prompt rows, then the L caption rows (the caption
+        read in the light of the reference; the re-ranker uses both). [B, Q+L, H]."""
         b = image_embeds.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)
         q = queries.shape[1]
@@ -187,7 +202,7 @@ class SPRCModel(nn.Module):
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=self._image_mask(image_embeds),
         ).last_hidden_state
-        return out[:, :q]
+        return out
 
     def compose(
         self, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -229,19 +244,22 @@ class SPRCModel(nn.Module):
     def prompt_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """loss_rtc path: layout [CLS, prompt_tokens x Q, caption tokens...], text FFN only,
-        text_proj of position 0. [B, D], L2-normalised."""
+        """loss_rtc path (SPRC's ``no_img`` embeddings): layout [CLS, prompt_tokens x Q,
+        caption tokens...] with position embeddings added to the WHOLE sequence ([CLS] at 0,
+        the prompt tokens at 1..Q, the caption's tokens shifted by Q), text FFN only, text_proj
+        of position 0. [B, D], L2-normalised."""
         b = input_ids.shape[0]
-        text = self.embeddings(input_ids=input_ids)  # word + position embeddings
-        prompt = self.prompt_tokens.expand(b, -1, -1).to(text.dtype)
-        embeds = torch.cat([text[:, :1], prompt, text[:, 1:]], dim=1)
+        emb = self.embeddings
+        words = emb.word_embeddings(input_ids)  # [B, L, H], no positions yet
+        prompt = self.prompt_tokens.expand(b, -1, -1).to(words.dtype)  # [B, Q, H]
+        seq = torch.cat([words[:, :1], prompt, words[:, 1:]], dim=1)  # [B, 1+Q+L-1, H]
+        seq = seq + emb.position_embeddings(emb.position_ids[:, : seq.shape[1]])
         ones = torch.ones(
             b, prompt.shape[1], dtype=attention_mask.dtype, device=attention_mask.device
         )
         mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
-        out = self.qformer(
-            query_embeds=embeds, query_length=0, attention_mask=mask
-        ).last_hidden_state
+        # qformer applies the embeddings' LayerNorm + dropout to query_embeds.
+        out = self.qformer(query_embeds=seq, query_length=0, attention_mask=mask).last_hidden_state
         return F.normalize(self.text_projection(out[:, 0]), dim=-1)
 
     # ---------------------------------------------------------------- training

@@ -211,16 +211,34 @@ def test_passes_match_reference_computation() -> None:
         atol=1e-5,
         rtol=0,
     )
-    e = _ref_embed(model, ids, None)
-    rtc_in = torch.cat([e[:, :1], model.prompt_tokens.expand(b, -1, -1), e[:, 1:]], 1)
+    # SPRC's no_img layout: word embeddings of [CLS] and the caption, the raw prompt tokens in
+    # between, then position embeddings 0 .. Q+L-1 over the WHOLE sequence (plain indexing of
+    # the model's own weight tables, no embeddings module).
+    w = model.embeddings.word_embeddings.weight[ids]  # [B, L, H]
+    rtc_in = torch.cat([w[:, :1], model.prompt_tokens.expand(b, -1, -1), w[:, 1:]], 1)
+    rtc_in = rtc_in + model.embeddings.position_embeddings.weight[: rtc_in.shape[1]][None]
     rtc_mask = torch.cat([mask[:, :1], _ones(b, q), mask[:, 1:]], 1)
     ref_rtc = _ref_qformer(model, rtc_in, rtc_mask, 0, None)[:, 0]
+    rtc = model.prompt_text_features(ids, mask)
     torch.testing.assert_close(
-        model.prompt_text_features(ids, mask),
-        F.normalize(model.text_projection(ref_rtc), dim=-1),
-        atol=1e-5,
-        rtol=0,
+        rtc, F.normalize(model.text_projection(ref_rtc), dim=-1), atol=1e-5, rtol=0
     )
+    # The layout that was here before (positions on the caption alone, none on the prompt
+    # tokens) is a different model: the test must be able to tell the two apart.
+    e = _ref_embed(model, ids, None)
+    wrong_in = torch.cat([e[:, :1], model.prompt_tokens.expand(b, -1, -1), e[:, 1:]], 1)
+    wrong = F.normalize(
+        model.text_projection(_ref_qformer(model, wrong_in, rtc_mask, 0, None)[:, 0]), dim=-1
+    )
+    assert (rtc - wrong).abs().max() > 1e-2
+
+
+def test_ln_vision_eps_is_lavis_plain_layernorm() -> None:
+    """LAVIS's ln_vision is nn.LayerNorm (eps 1e-5); the EVA blocks keep 1e-6."""
+    model = build_model(get_config("tiny"), seed=0)
+    assert model.vision_model.post_layernorm.eps == 1e-5
+    assert {layer.layer_norm1.eps for layer in model.vision_model.encoder.layers} == {1e-6}
+    assert get_config("blip2-vitg").ln_vision_eps == 1e-5
 
 
 @torch.no_grad()
