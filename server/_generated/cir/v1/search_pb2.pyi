@@ -29,7 +29,7 @@ IMAGE_KIND_THUMBNAIL: ImageKind
 IMAGE_KIND_ORIGINAL: ImageKind
 
 class SearchRequest(_message.Message):
-    __slots__ = ("reference_image", "reference_id", "text", "top_k", "offset", "filter", "filter_json", "mode", "include_payload")
+    __slots__ = ("reference_image", "reference_id", "text", "top_k", "offset", "filter", "filter_json", "mode", "include_payload", "rerank_k")
     REFERENCE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class SearchRequest(_message.Message):
     FILTER_JSON_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    RERANK_K_FIELD_NUMBER: _ClassVar[int]
     reference_image: bytes
     reference_id: str
     text: str
@@ -48,24 +49,29 @@ class SearchRequest(_message.Message):
     filter_json: str
     mode: SearchMode
     include_payload: bool
-    def __init__(self, reference_image: _Optional[bytes] = ..., reference_id: _Optional[str] = ..., text: _Optional[str] = ..., top_k: _Optional[int] = ..., offset: _Optional[int] = ..., filter: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., filter_json: _Optional[str] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., include_payload: _Optional[bool] = ...) -> None: ...
+    rerank_k: int
+    def __init__(self, reference_image: _Optional[bytes] = ..., reference_id: _Optional[str] = ..., text: _Optional[str] = ..., top_k: _Optional[int] = ..., offset: _Optional[int] = ..., filter: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., filter_json: _Optional[str] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., include_payload: _Optional[bool] = ..., rerank_k: _Optional[int] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "rank", "payload", "user_id")
+    __slots__ = ("id", "score", "rank", "payload", "user_id", "first_stage_score", "reranked")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STAGE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    RERANKED_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     rank: int
     payload: _struct_pb2.Struct
     user_id: str
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., user_id: _Optional[str] = ...) -> None: ...
+    first_stage_score: float
+    reranked: bool
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., user_id: _Optional[str] = ..., first_stage_score: _Optional[float] = ..., reranked: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_ms", "decode_ms", "reference_ms", "encode_ms", "search_ms", "total_ms", "batch_size", "reference_cached")
+    __slots__ = ("queue_ms", "decode_ms", "reference_ms", "encode_ms", "search_ms", "total_ms", "batch_size", "reference_cached", "rerank_ms")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +80,7 @@ class Timings(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_CACHED_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     decode_ms: float
     reference_ms: float
@@ -82,21 +89,26 @@ class Timings(_message.Message):
     total_ms: float
     batch_size: int
     reference_cached: bool
-    def __init__(self, queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., reference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., reference_cached: _Optional[bool] = ...) -> None: ...
+    rerank_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., reference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., reference_cached: _Optional[bool] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "index_version", "encoder_fingerprint", "timings", "request_id")
+    __slots__ = ("results", "index_version", "encoder_fingerprint", "timings", "request_id", "rerank_k", "reranker_fingerprint")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RERANK_K_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SearchHit]
     index_version: str
     encoder_fingerprint: str
     timings: Timings
     request_id: str
-    def __init__(self, results: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., index_version: _Optional[str] = ..., encoder_fingerprint: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    rerank_k: int
+    reranker_fingerprint: str
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., index_version: _Optional[str] = ..., encoder_fingerprint: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., rerank_k: _Optional[int] = ..., reranker_fingerprint: _Optional[str] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
     __slots__ = ("queries",)
@@ -180,7 +192,7 @@ class IndexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., count: _Optional[int] = ..., filterable_fields: _Optional[_Mapping[str, str]] = ..., encoder_fingerprint: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_top_k", "max_offset", "max_text_chars", "max_image_bytes", "max_image_pixels", "max_batch_queries", "max_message_bytes", "max_page_size")
+    __slots__ = ("max_top_k", "max_offset", "max_text_chars", "max_image_bytes", "max_image_pixels", "max_batch_queries", "max_message_bytes", "max_page_size", "max_rerank_k")
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_OFFSET_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +201,7 @@ class Limits(_message.Message):
     MAX_BATCH_QUERIES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_RERANK_K_FIELD_NUMBER: _ClassVar[int]
     max_top_k: int
     max_offset: int
     max_text_chars: int
@@ -197,23 +210,38 @@ class Limits(_message.Message):
     max_batch_queries: int
     max_message_bytes: int
     max_page_size: int
-    def __init__(self, max_top_k: _Optional[int] = ..., max_offset: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_queries: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ...) -> None: ...
+    max_rerank_k: int
+    def __init__(self, max_top_k: _Optional[int] = ..., max_offset: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_queries: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., max_rerank_k: _Optional[int] = ...) -> None: ...
+
+class RerankerInfo(_message.Message):
+    __slots__ = ("loaded", "fingerprint", "features", "default_rerank_k")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_RERANK_K_FIELD_NUMBER: _ClassVar[int]
+    loaded: bool
+    fingerprint: str
+    features: str
+    default_rerank_k: int
+    def __init__(self, loaded: _Optional[bool] = ..., fingerprint: _Optional[str] = ..., features: _Optional[str] = ..., default_rerank_k: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "index", "limits", "server_version", "max_batch", "max_wait_ms")
+    __slots__ = ("model", "index", "limits", "server_version", "max_batch", "max_wait_ms", "reranker")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     index: IndexInfo
     limits: Limits
     server_version: str
     max_batch: int
     max_wait_ms: float
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., index: _Optional[_Union[IndexInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_wait_ms: _Optional[float] = ...) -> None: ...
+    reranker: RerankerInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., index: _Optional[_Union[IndexInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ...) -> None: ...
 
 class EncodeQueryRequest(_message.Message):
     __slots__ = ("reference_image", "reference_id", "text")
