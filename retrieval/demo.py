@@ -5,10 +5,18 @@
    active, verified version made by the same encoder is already there;
 3. starts the gRPC server and the Streamlit UI as child processes, waits until both answer,
    prints their addresses; Ctrl-C (or SIGTERM) stops all of it cleanly.
+
+Stopping is robust to how it was started: the SIGINT/SIGTERM handlers are installed explicitly
+(a process started with SIGINT ignored, by ``nohup`` or ``&`` in a script, would otherwise never
+see Ctrl-C), and every child runs in a process group of its own with ``PR_SET_PDEATHSIG`` (Linux):
+if ``cir demo`` itself is killed, even with SIGKILL, its children get SIGTERM and stop, and a
+normal stop sweeps each child's group (the UI's streamlit, the server's search process).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -17,8 +25,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import typer
 
@@ -49,14 +59,79 @@ def _cir(*args: str) -> list[str]:
     return [sys.executable, "-m", "retrieval.cli", *args]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _death_signal_setter() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (Linux), or None
+    where prctl is not available. libc is loaded here, before any fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """Start a child that dies with this process: a process group of its own (so that a stop
+    reaches its own children too) and SIGTERM when this process dies, even by SIGKILL."""
+    return subprocess.Popen(cmd, process_group=0, preexec_fn=_death_signal_setter())
+
+
+def run_child(cmd: list[str]) -> None:
+    """``subprocess.run(cmd, check=True)`` with a child started by ``spawn``; stopped (SIGTERM,
+    then SIGKILL) when this process is interrupted."""
+    proc = spawn(cmd)
+    try:
+        code = proc.wait()
+    except BaseException:
+        stop_all([proc])
+        raise
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM handlers for the demo's lifetime, installed explicitly: a process
+    started with SIGINT ignored (``nohup``, ``&`` in a non-interactive shell) gets no
+    KeyboardInterrupt from Python otherwise. The first signal sets ``stopping`` and raises
+    KeyboardInterrupt in the main thread (whatever it waits for: a build, a health check);
+    later ones only set the flag, so that the orderly stop is not interrupted."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.signum: int | None = None
+        self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            return
+        self.stopping, self.signum = True, signum
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def ensure_world(data: Path, seed: int = 0) -> None:
     if (data / "gallery.jsonl").is_file() and (data / "test.jsonl").is_file():
         logger.info("world present at %s", data)
         return
     typer.echo(f"[demo] generating the synthetic shapes world into {data} (about a minute) ...")
-    subprocess.run(
-        _cir("data", "shapes", "--out", str(data), "--seed", str(seed), "--overwrite"), check=True
-    )
+    run_child(_cir("data", "shapes", "--out", str(data), "--seed", str(seed), "--overwrite"))
 
 
 def write_manifest(data: Path, out: Path) -> Path:
@@ -134,7 +209,7 @@ def ensure_index(cfg: DemoConfig) -> None:
     for f in DEMO_FIELDS:
         args += ["--field", f]
     report = cfg.data / "demo_index_report.json"
-    subprocess.run(_cir(*args, "--report", str(report)), check=True)
+    run_child(_cir(*args, "--report", str(report)))
     if not index_is_current(cfg.index, cfg.name, fingerprint, expected):
         raise RuntimeError(
             f"indexing did not produce an active index of {expected} images: see {report}"
@@ -177,6 +252,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """SIGTERM each child (an orderly stop: the server drains, the UI stops streamlit), SIGKILL
+    what is still there after ``grace`` seconds, then sweep each child's process group (spawned
+    children lead one) so that no grandchild outlives the demo."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -187,6 +265,9 @@ def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)  # leftovers of its group; the leader has exited
 
 
 def run_demo(cfg: DemoConfig) -> None:
@@ -196,25 +277,22 @@ def run_demo(cfg: DemoConfig) -> None:
         )
     from retrieval.index import IndexInUseError
 
-    ensure_world(cfg.data, cfg.seed)
-    try:
-        ensure_index(cfg)
-    except IndexInUseError as exc:
-        typer.echo(
-            f"[demo] {exc}: is another `cir demo` or `cir serve` using {cfg.index}?", err=True
-        )
-        raise typer.Exit(code=1) from exc
-    target = f"{cfg.host}:{cfg.grpc_port}"
+    signals = StopSignals()  # first: generating and indexing take minutes
     procs: list[subprocess.Popen[bytes]] = []
-    stopping = False
-
-    def _stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    old = signal.signal(signal.SIGTERM, _stop)
     try:
-        server = subprocess.Popen(
+        try:
+            ensure_world(cfg.data, cfg.seed)
+            ensure_index(cfg)
+        except IndexInUseError as exc:
+            typer.echo(
+                f"[demo] {exc}: is another `cir demo` or `cir serve` using {cfg.index}?", err=True
+            )
+            raise typer.Exit(code=1) from exc
+        except subprocess.CalledProcessError as exc:  # the step printed why on stderr
+            typer.echo(f"[demo] `{' '.join(exc.cmd[3:5])}` exited with {exc.returncode}", err=True)
+            raise typer.Exit(code=1) from exc
+        target = f"{cfg.host}:{cfg.grpc_port}"
+        server = spawn(
             _cir(
                 "serve",
                 "--model",
@@ -237,26 +315,27 @@ def run_demo(cfg: DemoConfig) -> None:
             f"[demo] gRPC server   {target}   (try: cir search --server {target} --id ... --text ...)"
         )
         if cfg.ui:
-            ui = subprocess.Popen(
+            ui = spawn(
                 _cir("ui", "--server", target, "--host", cfg.host, "--port", str(cfg.ui_port))
             )
             procs.append(ui)
             wait_http(f"http://{cfg.host}:{cfg.ui_port}/", 120, ui)
             typer.echo(f"[demo] search UI     http://{cfg.host}:{cfg.ui_port}/")
         typer.echo("[demo] running; press Ctrl-C to stop")
-        while not stopping and all(p.poll() is None for p in procs):
+        while not signals.stopping and all(p.poll() is None for p in procs):
             time.sleep(0.5)
         for p in procs:
-            if p.poll() is not None and not stopping:
+            if p.poll() is not None and not signals.stopping:
                 typer.echo(
                     f"[demo] a child process exited with code {p.returncode}; stopping", err=True
                 )
     except KeyboardInterrupt:
         pass
     finally:
+        signals.stopping = True  # a signal from here on must not interrupt the stop
         typer.echo("[demo] stopping ...")
         stop_all(procs)
-        signal.signal(signal.SIGTERM, old)
+        signals.restore()
         typer.echo("[demo] stopped")
 
 
