@@ -109,8 +109,31 @@ class QueryFeatures:
     reference: torch.Tensor  # [B, T, F]
     query: torch.Tensor  # [B, D] the composed query (first stage)
 
+    def astuple(self) -> tuple[torch.Tensor, ...]:
+        return (self.prompt, self.text, self.text_mask, self.reference, self.query)
+
     def select(self, rows: torch.Tensor | list[int]) -> QueryFeatures:
-        return QueryFeatures(*(t[rows] for t in dataclasses.astuple(self)))
+        return QueryFeatures(*(t[rows] for t in self.astuple()))
+
+    @classmethod
+    def cat(cls, parts: list[QueryFeatures]) -> QueryFeatures:
+        """Rows of several queries in one batch; caption rows padded to the longest."""
+        longest = max(p.text.shape[1] for p in parts)
+
+        def pad(p: QueryFeatures) -> QueryFeatures:
+            extra = longest - p.text.shape[1]
+            if not extra:
+                return p
+            return QueryFeatures(
+                p.prompt,
+                F.pad(p.text, (0, 0, 0, extra)),
+                F.pad(p.text_mask, (0, extra)),
+                p.reference,
+                p.query,
+            )
+
+        padded = [pad(p) for p in parts]
+        return cls(*(torch.cat(ts) for ts in zip(*(p.astuple() for p in padded), strict=True)))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> QueryFeatures:
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +141,7 @@ class QueryFeatures:
                 return t.to(device=device, dtype=dtype)
             return t.to(device)
 
-        return QueryFeatures(*(move(t) for t in dataclasses.astuple(self)))
+        return QueryFeatures(*(move(t) for t in self.astuple()))
 
 
 class _Block(nn.Module):
@@ -223,7 +246,8 @@ class RerankerModel(nn.Module):
         )
         bias = torch.zeros(keep.shape, dtype=mem.dtype, device=mem.device)
         bias = bias.masked_fill(~keep, float("-inf"))[:, None, None, None, :]
-        return [blk.memory_kv(mem) for blk in self.blocks], bias
+        blocks: list[_Block] = list(self.blocks)  # type: ignore[arg-type]
+        return [blk.memory_kv(mem) for blk in blocks], bias
 
     def forward(
         self, feats: QueryFeatures, candidates: torch.Tensor, first_scores: torch.Tensor

@@ -74,6 +74,29 @@ def load_encoder(settings: ServerSettings) -> Any:
     )
 
 
+def load_reranker(settings: ServerSettings, encoder: Any, model_folder: bool = True) -> Any:
+    """The re-ranker to serve with, or None: ``settings.reranker``, else MODEL/reranker when the
+    model folder has one (``model_folder``: the encoder was loaded from ``settings.model``);
+    none when ``rerank_k`` is 0. Refuses (StartupError) a re-ranker that cannot be loaded or
+    was trained on another encoder's features (the fingerprint guard)."""
+    from retrieval.rerank import RerankerError, load_reranker_for
+
+    if settings.rerank_k == 0 or (settings.reranker is None and not model_folder):
+        return None
+    try:
+        rr = load_reranker_for(settings.model, settings.reranker, encoder, device=encoder.device)
+    except RerankerError as exc:
+        raise StartupError(f"refusing to start: {exc}") from exc
+    if rr is not None:
+        logger.info("re-ranker %s loaded (%s features)", rr.fingerprint, rr.config.features)
+    elif settings.reranker is None and settings.rerank_k:
+        raise StartupError(
+            f"refusing to start: --rerank {settings.rerank_k} needs a re-ranker, and "
+            f"{settings.model} has none (--reranker DIR)"
+        )
+    return rr
+
+
 def open_served_index(settings: ServerSettings, encoder: Any) -> Any:
     """Open the index read-only with the model guard; raise StartupError saying why not."""
     from retrieval.index import (
@@ -264,8 +287,9 @@ class CIRServer:
                     f"(index fingerprint {meta.encoder_fingerprint}, encoder "
                     f"{encoder.fingerprint}); pass --force to serve anyway"
                 )
+        reranker = load_reranker(self.settings, encoder, model_folder=self._encoder is None)
         logger.info("model and index ready in %.1fs", time.perf_counter() - t0)
-        return Engine(self.settings, encoder, index)
+        return Engine(self.settings, encoder, index, reranker)
 
     async def _refresh_loop(self) -> None:
         """Poll the index pointer; switch to a newly activated version without a restart."""

@@ -92,6 +92,15 @@ def serve_cmd(
         help="Search an edge:/local: index in a child process (default on: its engine holds "
         "the GIL while it searches).",
     ),
+    reranker: str | None = typer.Option(
+        None, "--reranker", help="Re-ranker folder (default: MODEL/reranker when present)."
+    ),
+    rerank: int | None = typer.Option(
+        None,
+        "--rerank",
+        help="Default rerank_k of requests that set none (default 50 with a re-ranker; 0: "
+        "re-ranking off, no re-ranker loaded).",
+    ),
 ) -> None:
     """Serve composed search over a gallery index with gRPC (grpc.aio)."""
     import asyncio
@@ -126,6 +135,8 @@ def serve_cmd(
         force=force,
         log_format=log_format,
         search_process=search_process,
+        reranker=reranker,
+        rerank_k=rerank,
     )
     try:
         settings = load_settings(config, **flags)
@@ -166,6 +177,12 @@ def search_cmd(
     tls_ca: Path | None = typer.Option(None, "--tls-ca", help="CA/certificate PEM to trust."),
     timeout: float = typer.Option(10.0, "--timeout", help="Deadline in seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    rerank: int | None = typer.Option(
+        None,
+        "--rerank",
+        min=0,
+        help="Re-rank the first stage's top K (default: the server's; 0: first stage only).",
+    ),
 ) -> None:
     """Send one composed query (or a text-only one) to a running server and print the hits."""
     from server.client import CIRClient, CIRError, parse_filter
@@ -187,6 +204,7 @@ def search_cmd(
                 offset=offset,
                 filter=flt,
                 mode=mode,  # type: ignore[arg-type]
+                rerank_k=rerank,
             )
     except CIRError as exc:
         typer.echo(f"cir search: {exc.code.name}: {exc.details}", err=True)
@@ -199,6 +217,8 @@ def search_cmd(
                     "user_id": h.user_id,  # the user's own id
                     "id": h.id,  # the point id
                     "score": h.score,
+                    "first_stage_score": h.first_stage_score,
+                    "reranked": h.reranked,
                     "payload": h.payload,
                 }
                 for h in res.results
@@ -207,6 +227,8 @@ def search_cmd(
             "encoder_fingerprint": res.encoder_fingerprint,
             "timings": res.timings,
             "request_id": res.request_id,
+            "rerank_k": res.rerank_k,
+            "reranker_fingerprint": res.reranker_fingerprint,
         }
         json.dump(out, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")

@@ -66,10 +66,12 @@ class Hit:
     indexed without one). Both are accepted as ``reference_id`` and by ``get_image``."""
 
     id: str  # point id
-    score: float  # MaxSim score, higher is better
+    score: float  # the ranking score (the re-ranker's when ``reranked``, else MaxSim)
     rank: int  # 1-based absolute rank (offset included)
     payload: dict[str, Any] = field(default_factory=dict)  # stored payload without `thumbnail`
     user_id: str = ""  # the user's own id of the item
+    first_stage_score: float = 0.0  # the first stage's MaxSim score
+    reranked: bool = False  # ``score`` came from the re-ranker
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class SearchResult:
     encoder_fingerprint: str  # the encoder that built the query vector
     timings: dict[str, float]  # queue_ms, decode_ms, reference_ms, encode_ms, search_ms, ...
     request_id: str = ""  # the server's id for this request (in its logs)
+    rerank_k: int = 0  # candidates re-ranked (0: the first stage's order alone)
+    reranker_fingerprint: str = ""  # the re-ranker that scored them
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,15 @@ class Limits:
     max_batch_queries: int
     max_message_bytes: int
     max_page_size: int
+    max_rerank_k: int = 0
+
+
+@dataclass(frozen=True)
+class RerankerInfo:
+    loaded: bool  # False: rerank_k other than 0 is refused
+    fingerprint: str
+    features: str  # what it reads of a candidate ("targets": the stored target vectors)
+    default_rerank_k: int  # rerank_k of a request that leaves it unset
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,7 @@ class ServerInfo:
     server_version: str
     max_batch: int  # micro-batching: largest batch
     max_wait_ms: float  # micro-batching: longest wait after the first query
+    reranker: RerankerInfo = field(default_factory=lambda: RerankerInfo(False, "", "", 0))
 
 
 @dataclass(frozen=True)
@@ -279,6 +293,7 @@ class CIRClient:
         filter: Mapping[str, Any] | str | None = None,
         mode: Mode = "auto",
         include_payload: bool = True,
+        rerank_k: int | None = None,
     ) -> pb.SearchRequest:
         if mode not in MODES:
             raise InvalidArgumentError(
@@ -297,6 +312,12 @@ class CIRClient:
             mode=MODES[mode],  # type: ignore[arg-type]
             include_payload=include_payload,
         )
+        if rerank_k is not None:  # unset: the server's default (Info.reranker)
+            if rerank_k < 0:
+                raise InvalidArgumentError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"rerank_k must be >= 0, got {rerank_k}"
+                )
+            req.rerank_k = int(rerank_k)
         cls._fill_reference(req, reference_image, reference_id)
         if isinstance(filter, str):
             req.filter_json = filter
@@ -321,13 +342,28 @@ class CIRClient:
             "total_ms": t.total_ms,
             "batch_size": float(t.batch_size),
             "reference_cached": float(t.reference_cached),
+            "rerank_ms": t.rerank_ms,
         }
         hits = [
-            Hit(h.id, float(h.score), int(h.rank), struct_to_dict(h.payload), h.user_id)
+            Hit(
+                h.id,
+                float(h.score),
+                int(h.rank),
+                struct_to_dict(h.payload),
+                h.user_id,
+                float(h.first_stage_score),
+                bool(h.reranked),
+            )
             for h in resp.results
         ]
         return SearchResult(
-            hits, resp.index_version, resp.encoder_fingerprint, timings, resp.request_id
+            hits,
+            resp.index_version,
+            resp.encoder_fingerprint,
+            timings,
+            resp.request_id,
+            int(resp.rerank_k),
+            resp.reranker_fingerprint,
         )
 
     # -------------------------------------------------------------- RPCs
@@ -342,12 +378,22 @@ class CIRClient:
         mode: Mode = "auto",
         include_payload: bool = True,
         timeout: float | None = None,
+        rerank_k: int | None = None,
     ) -> SearchResult:
         """Composed search. ``reference_image``: encoded bytes or a local file path (read here);
         ``reference_id``: a point id or a user id; neither: text-only. ``filter``: a dict or a
-        JSON text."""
+        JSON text. ``rerank_k``: re-rank the first stage's top-K (None: the server's default,
+        0: off)."""
         req = self._search_request(
-            text, reference_image, reference_id, top_k, offset, filter, mode, include_payload
+            text,
+            reference_image,
+            reference_id,
+            top_k,
+            offset,
+            filter,
+            mode,
+            include_payload,
+            rerank_k,
         )
         return self._result(self._call(self._stub.Search, req, timeout))
 
@@ -444,10 +490,17 @@ class CIRClient:
                 lim.max_batch_queries,
                 int(lim.max_message_bytes),
                 lim.max_page_size,
+                lim.max_rerank_k,
             ),
             server_version=r.server_version,
             max_batch=r.max_batch,
             max_wait_ms=r.max_wait_ms,
+            reranker=RerankerInfo(
+                bool(r.reranker.loaded),
+                r.reranker.fingerprint,
+                r.reranker.features,
+                int(r.reranker.default_rerank_k),
+            ),
         )
 
     def health(self, service: str = "", timeout: float | None = None) -> str:

@@ -45,6 +45,12 @@ class ServerSettings(BaseSettings):
     # network (no GIL held), so it is always searched in-process
     search_process: bool = True
 
+    # --- second stage: a re-ranker over the first stage's top rerank_k
+    reranker: str | None = None  # re-ranker folder (None: MODEL/reranker when the folder has one)
+    rerank_k: int | None = Field(None, ge=0)  # default rerank_k of a request that sets none
+    # (None: 50 with a re-ranker; 0: re-ranking off and no re-ranker loaded)
+    max_rerank_k: int = Field(200, ge=1, le=1000)  # largest accepted SearchRequest.rerank_k
+
     # --- network
     host: str = "127.0.0.1"  # bind address ("0.0.0.0" for all interfaces)
     port: int = Field(50051, ge=0, le=65535)  # gRPC port (0: pick a free one)

@@ -57,15 +57,32 @@ class Query:
     mode: str = "auto"
     include_payload: bool = True
     search: bool = True  # False: EncodeQuery (vector only)
+    rerank_k: int = 0  # re-rank the first stage's top rerank_k (0: off; needs a reference)
+    rerank_feats: Any = None  # the re-ranker's query side (retrieval.rerank.QueryFeatures)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def has_reference(self) -> bool:
         return self.image is not None or self.features is not None
 
+    @property
+    def reranks(self) -> bool:
+        return self.rerank_k > 0 and self.has_reference
+
     def group_key(self) -> tuple[Any, ...]:
         flt = json.dumps(self.filter, sort_keys=True) if self.filter else ""
-        return (self.top_k, self.offset, flt, self.mode)
+        return (self.top_k, self.offset, flt, self.mode, self.rerank_k if self.reranks else 0)
+
+
+@dataclass(frozen=True)
+class RankedHit:
+    """A hit after the second stage: ``score`` is the re-ranker's when ``reranked``."""
+
+    id: str
+    score: float
+    payload: dict[str, Any]
+    first_stage_score: float
+    reranked: bool
 
 
 class FeatureCache:
@@ -159,10 +176,21 @@ def _looks_like_uuid(text: str) -> bool:
 class Engine:
     """Owns the encoder, the index and the feature cache. Thread-safe where it needs to be."""
 
-    def __init__(self, settings: ServerSettings, encoder: Any, index: Any) -> None:
+    def __init__(
+        self, settings: ServerSettings, encoder: Any, index: Any, reranker: Any = None
+    ) -> None:
         self.settings = settings
         self.encoder = encoder
         self.index = index
+        self.reranker = reranker  # retrieval.rerank.Reranker, checked against the encoder
+        # SearchRequest.rerank_k when unset: the configured one, else DEFAULT_RERANK_K with a
+        # re-ranker and 0 without
+        from retrieval.rerank import DEFAULT_RERANK_K
+
+        configured = settings.rerank_k
+        self.default_rerank_k = (
+            0 if reranker is None else (DEFAULT_RERANK_K if configured is None else configured)
+        )
         self._browse_cache: tuple[str | None, list[str]] | None = None
         self.cache = FeatureCache(
             settings.feature_cache_size, int(settings.feature_cache_mb * 1024 * 1024)
@@ -422,14 +450,28 @@ class Engine:
                     if q.cache_key is not None:
                         self.cache.put(q.cache_key, feats[j].detach().clone())
             t1 = time.perf_counter()
-            stacked = torch.stack([queries[i].features for i in with_ref])
-            vecs = enc.encode_queries(
-                None,
-                [queries[i].text for i in with_ref],
-                ref_features=stacked,
-                batch_size=max(1, len(with_ref)),
-            )
-            out[with_ref] = vecs
+            plain = [i for i in with_ref if not queries[i].reranks]
+            rerank = [i for i in with_ref if queries[i].reranks]
+            if plain:
+                out[plain] = enc.encode_queries(
+                    None,
+                    [queries[i].text for i in plain],
+                    ref_features=torch.stack([queries[i].features for i in plain]),
+                    batch_size=max(1, len(plain)),
+                )
+            if rerank:  # the same fusion pass gives the query vector and the re-ranker's input
+                from retrieval.rerank import query_features
+
+                assert self.reranker is not None
+                qf = query_features(
+                    enc,
+                    torch.stack([queries[i].features for i in rerank]),
+                    [queries[i].text for i in rerank],
+                    self.reranker.config.features,
+                ).to("cpu")
+                out[rerank] = qf.query.numpy()
+                for j, i in enumerate(rerank):
+                    queries[i].rerank_feats = qf.select([j])
             t_ref, t_enc = t1 - t0, time.perf_counter() - t1
         if text_only:
             t0 = time.perf_counter()
@@ -464,13 +506,15 @@ class Engine:
             return [err] * len(queries), "", (time.perf_counter() - t0) * 1000.0
         for idx in groups.values():
             q = queries[idx[0]]
+            # a re-ranked query fetches its whole window from 0; rerank() cuts its page
+            top_k, offset = q.top_k, q.offset
+            if q.reranks:
+                top_k, offset = max(q.rerank_k, q.offset + q.top_k), 0
             try:
                 if len(idx) == 1:
-                    hits = [self.index.search(vectors[idx[0]], q.top_k, q.offset, q.filter, q.mode)]
+                    hits = [self.index.search(vectors[idx[0]], top_k, offset, q.filter, q.mode)]
                 else:
-                    hits = self.index.search_batch(
-                        vectors[idx], q.top_k, q.offset, q.filter, q.mode
-                    )
+                    hits = self.index.search_batch(vectors[idx], top_k, offset, q.filter, q.mode)
                 for i, h in zip(idx, hits, strict=True):
                     results[i] = h
             except (InvalidFilterError, InvalidQueryError) as exc:
@@ -487,6 +531,74 @@ class Engine:
                 for i in idx:
                     results[i] = RequestError("INTERNAL", f"index error: {exc}")
         return results, version, (time.perf_counter() - t0) * 1000.0
+
+    # ------------------------------------------------------------------ second stage
+    def rerank(self, queries: list[Query], results: list[list[Any] | RequestError]) -> float:
+        """Re-rank, in place, the results of the queries that asked for it: their first
+        ``rerank_k`` hits by the re-ranker (one batch for all of them: one vector fetch, one
+        model call), then their page. Runs in the inference thread. Returns ms."""
+        import torch
+
+        from retrieval.index import GalleryIndexError, IndexNotFoundError, IndexUnavailableError
+
+        todo = [
+            i
+            for i, q in enumerate(queries)
+            if q.reranks and q.rerank_feats is not None and not isinstance(results[i], RequestError)
+        ]
+        if not todo:
+            return 0.0
+        assert self.reranker is not None
+        t0 = time.perf_counter()
+        windows = {i: results[i][: queries[i].rerank_k] for i in todo}  # type: ignore[index]
+        ids = sorted({h.id for i in todo for h in windows[i]})
+        try:
+            tokens = {
+                r.id: r.tokens for r in self.index.get(ids, with_vectors=True, with_payload=False)
+            }
+        except (IndexUnavailableError, IndexNotFoundError) as exc:
+            for i in todo:
+                results[i] = RequestError("UNAVAILABLE", f"index unavailable: {exc}")
+            return (time.perf_counter() - t0) * 1000.0
+        except GalleryIndexError as exc:
+            logger.exception("fetching re-rank candidates failed")
+            for i in todo:
+                results[i] = RequestError("INTERNAL", f"index error: {exc}")
+            return (time.perf_counter() - t0) * 1000.0
+        k = max(len(w) for w in windows.values())
+        q, d = self.encoder.num_queries, self.encoder.dim
+        cand = torch.zeros((len(todo), k, q, d))
+        first = torch.zeros((len(todo), k))
+        for row, i in enumerate(todo):
+            for col, h in enumerate(windows[i]):
+                t = tokens.get(h.id)
+                if t is not None:  # a point deleted since the search keeps a zero row
+                    cand[row, col] = torch.from_numpy(np.asarray(t, dtype=np.float32))
+                first[row, col] = float(h.score)
+        from retrieval.rerank import QueryFeatures
+
+        feats = QueryFeatures.cat([queries[i].rerank_feats for i in todo])
+        scores = self.reranker.score(feats, cand, first)  # [B, k]
+        for row, i in enumerate(todo):
+            qr, window = queries[i], windows[i]
+            n = len(window)
+            order = sorted(range(n), key=lambda c: -float(scores[row, c]))
+            ranked = [
+                RankedHit(
+                    window[c].id,
+                    float(scores[row, c]),
+                    window[c].payload,
+                    float(window[c].score),
+                    True,
+                )
+                for c in order
+            ]
+            tail = [
+                RankedHit(h.id, float(h.score), h.payload, float(h.score), False)
+                for h in results[i][n:]  # type: ignore[index]
+            ]
+            results[i] = (ranked + tail)[qr.offset : qr.offset + qr.top_k]
+        return (time.perf_counter() - t0) * 1000.0
 
     # ------------------------------------------------------------------ browsing (io pool)
     def _browse_ids(self) -> list[str]:

@@ -39,7 +39,7 @@ from server.batching import (
     QueueFullError,
     Ticket,
 )
-from server.engine import Engine, Query, RequestError, public_payload, user_id_of
+from server.engine import Engine, Query, RankedHit, RequestError, public_payload, user_id_of
 from server.logs import access_level
 from server.metrics import Metrics
 from server.protoconv import MODE_NAMES, dict_to_struct, struct_to_dict
@@ -295,6 +295,20 @@ class SearchService(pb_grpc.SearchServiceServicer):
             self._engine.check_filter(flt)
         except RequestError as exc:
             raise RequestError(exc.code, where + exc.message) from None
+        engine = self._engine
+        rerank_k = (
+            int(request.rerank_k) if request.HasField("rerank_k") else engine.default_rerank_k
+        )
+        if rerank_k > s.max_rerank_k:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"{where}rerank_k must be in [0, {s.max_rerank_k}], got {rerank_k}",
+            )
+        if rerank_k and engine.reranker is None:
+            raise RequestError(
+                "FAILED_PRECONDITION",
+                f"{where}rerank_k {rerank_k}: this server has no re-ranker (Info.reranker)",
+            )
         q = Query(
             text=text,
             top_k=top_k,
@@ -304,6 +318,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
             include_payload=(
                 request.include_payload if request.HasField("include_payload") else True
             ),
+            rerank_k=rerank_k,
         )
         return q
 
@@ -416,14 +431,43 @@ class SearchService(pb_grpc.SearchServiceServicer):
             results = [RequestError("INTERNAL", f"search failed: {exc}")] * len(jobs)
             version, ms = "", 0.0
         self.metrics.stage.labels("search").observe(ms / 1000.0)
+        rr_ms = await self._rerank(jobs, results)
         for j, r in zip(jobs, results, strict=True):
             if j.future.done():
                 continue
             j.item.timings["search_ms"] = ms
+            j.item.timings["rerank_ms"] = rr_ms
             if isinstance(r, RequestError):
                 j.future.set_exception(r)
             else:
                 j.future.set_result((r, version))
+
+    async def _rerank(self, jobs: list[Job], results: list[Any]) -> float:
+        """The second stage for the jobs that asked for it and are still waiting (a call whose
+        deadline passed or whose client left is not re-ranked), in the inference thread: one
+        batch across the concurrent requests, as the encoder's."""
+        now = time.monotonic()
+        todo = [
+            i
+            for i, j in enumerate(jobs)
+            if j.item.reranks and j.alive(now) and not isinstance(results[i], RequestError)
+        ]
+        if not todo:
+            return 0.0
+        sub = [results[i] for i in todo]
+        loop = asyncio.get_running_loop()
+        try:
+            ms = await loop.run_in_executor(
+                self.infer_pool, self._engine.rerank, [jobs[i].item for i in todo], sub
+            )
+        except Exception as exc:
+            logger.exception("re-ranking failed")
+            err = RequestError("INTERNAL", f"re-ranking failed: {type(exc).__name__}: {exc}")
+            sub, ms = [err] * len(todo), 0.0
+        for i, r in zip(todo, sub, strict=True):
+            results[i] = r
+        self.metrics.stage.labels("rerank").observe(ms / 1000.0)
+        return ms
 
     # ------------------------------------------------------------------ responses
     def _response(self, q: Query, hits: list[Any], version: str, rid: str, t0: float) -> Any:
@@ -442,11 +486,21 @@ class SearchService(pb_grpc.SearchServiceServicer):
                 total_ms=(time.perf_counter() - t0) * 1000.0,
                 batch_size=int(tm.get("batch_size", 0)),
                 reference_cached=bool(tm.get("reference_cached", 0.0)),
+                rerank_ms=tm.get("rerank_ms", 0.0),
             ),
         )
+        reranked = bool(hits) and isinstance(hits[0], RankedHit)
+        if q.reranks and engine.reranker is not None:
+            resp.rerank_k = q.rerank_k
+            resp.reranker_fingerprint = engine.reranker.fingerprint
         for i, h in enumerate(hits):
             hit = resp.results.add(
-                id=h.id, score=float(h.score), rank=q.offset + i + 1, user_id=user_id_of(h.payload)
+                id=h.id,
+                score=float(h.score),
+                rank=q.offset + i + 1,
+                user_id=user_id_of(h.payload),
+                first_stage_score=float(h.first_stage_score if reranked else h.score),
+                reranked=bool(h.reranked) if reranked else False,
             )
             if q.include_payload and h.payload:
                 dict_to_struct(public_payload(h.payload), hit.payload)
@@ -585,8 +639,15 @@ class SearchService(pb_grpc.SearchServiceServicer):
                 max_batch_queries=s.max_batch_queries,
                 max_message_bytes=s.max_message_bytes,
                 max_page_size=s.max_page_size,
+                max_rerank_k=s.max_rerank_k,
             ),
             server_version=__version__,
             max_batch=s.max_batch,
             max_wait_ms=s.max_wait_ms,
+            reranker=pb.RerankerInfo(
+                loaded=engine.reranker is not None,
+                fingerprint=engine.reranker.fingerprint if engine.reranker is not None else "",
+                features=engine.reranker.config.features if engine.reranker is not None else "",
+                default_rerank_k=engine.default_rerank_k,
+            ),
         )

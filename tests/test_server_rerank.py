@@ -1,0 +1,153 @@
+"""The second stage in the server: SearchRequest.rerank_k re-ranks the first stage's top-K with
+the re-ranker exactly as the offline scorer does, keeps both scores, pages past the window in
+first-stage order, batches across requests, and guards the re-ranker's encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.app import BackgroundServer, StartupError
+from server.client import CIRClient
+from server.config import load_settings
+from server.errors import FailedPreconditionError, InvalidArgumentError
+from server.testing import build_gallery
+
+torch = pytest.importorskip("torch")
+
+TEXT = "make it red and add a square"
+
+
+def _settings(uri: str, **kw: Any) -> Any:
+    base: dict[str, Any] = dict(
+        index=uri, port=0, metrics_port=0, refresh_interval_s=0, grace_s=2.0, log_format="text"
+    )
+    base.update(kw)
+    return load_settings(None, **base)
+
+
+def _reranker(encoder: Any, folder: Path, encoder_fp: str | None = None) -> Any:
+    from retrieval.rerank import Reranker, RerankerConfig, RerankerModel
+
+    cfg = RerankerConfig.for_encoder(encoder, "targets", width=16, heads=2)
+    if encoder_fp is not None:
+        cfg.encoder = encoder_fp
+    model = RerankerModel(cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a head that reorders: random, large enough to beat alpha * MaxSim
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+        model.alpha.fill_(1.0)
+    rr = Reranker(model)
+    rr.save_pretrained(folder, weights_dtype=torch.float32)
+    return Reranker.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from retrieval.encoder import Encoder
+
+    torch.set_num_threads(1)
+    enc = Encoder.from_pretrained("tiny")
+    root = tmp_path_factory.mktemp("rr-gallery")
+    uri, ids = build_gallery(root, enc, 20)
+    rr = _reranker(enc, root / "reranker")
+    bg = BackgroundServer(_settings(uri, reranker=str(root / "reranker")), encoder=enc)
+    bg.start()
+    yield {"enc": enc, "ids": ids, "rr": rr, "srv": bg, "root": root, "uri": uri}
+    bg.stop()
+
+
+def _expected(world: dict[str, Any], client: CIRClient, ref_id: str, k: int) -> list[tuple]:
+    """The offline computation: the first stage's top-k, re-scored by the same Reranker."""
+    from retrieval.rerank import query_features
+
+    first = client.search(TEXT, reference_id=ref_id, top_k=k, rerank_k=0)
+    engine = world["srv"].server.service.engine
+    recs = {r.id: r for r in engine.index.get([h.id for h in first.results], with_vectors=True)}
+    ref = engine.index.get([ref_id], with_vectors=False)[0]
+    from PIL import Image
+
+    img = Image.open(world["root"] / "images" / Path(ref.payload["path"]).name).convert("RGB")
+    enc = world["enc"]
+    qf = query_features(enc, enc.reference_features([img]), [TEXT], "targets")
+    cand = torch.stack([torch.from_numpy(recs[h.id].tokens) for h in first.results])[None]
+    fs = torch.tensor([[h.score for h in first.results]])
+    scores = world["rr"].score(qf, cand, fs)[0].tolist()
+    rows = [(h.id, s, h.score) for h, s in zip(first.results, scores, strict=True)]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def test_rerank_matches_the_offline_scorer_and_keeps_both_scores(world: dict[str, Any]) -> None:
+    ref_id = world["ids"][3]
+    with CIRClient(world["srv"].target, timeout=30) as c:
+        expected = _expected(world, c, ref_id, 8)
+        res = c.search(TEXT, reference_id=ref_id, top_k=5, rerank_k=8)
+        assert res.rerank_k == 8 and res.reranker_fingerprint == world["rr"].fingerprint
+        assert [h.id for h in res.results] == [e[0] for e in expected[:5]]
+        assert all(h.reranked for h in res.results)
+        for h, e in zip(res.results, expected, strict=False):
+            assert h.score == pytest.approx(e[1], abs=1e-4)
+            assert h.first_stage_score == pytest.approx(e[2], abs=1e-5)
+        assert [h.rank for h in res.results] == [1, 2, 3, 4, 5]
+        assert res.timings["rerank_ms"] > 0
+        # the order changed somewhere (the test's re-ranker is not the identity)
+        first = c.search(TEXT, reference_id=ref_id, top_k=8, rerank_k=0)
+        assert [h.id for h in first.results] != [e[0] for e in expected]
+        assert all(not h.reranked and h.score == h.first_stage_score for h in first.results)
+        assert first.rerank_k == 0 and first.reranker_fingerprint == ""
+
+        # the next page: positions 6..8 re-ranked, 9..10 the first stage's 9th and 10th
+        page = c.search(TEXT, reference_id=ref_id, top_k=5, offset=5, rerank_k=8)
+        assert [h.reranked for h in page.results] == [True, True, True, False, False]
+        assert [h.id for h in page.results[:3]] == [e[0] for e in expected[5:8]]
+        ten = c.search(TEXT, reference_id=ref_id, top_k=10, rerank_k=0)
+        assert [h.id for h in page.results[3:]] == [h.id for h in ten.results[8:10]]
+        assert [h.rank for h in page.results] == [6, 7, 8, 9, 10]
+
+        # the server's default (50 > the gallery: everything re-ranked) and the batch path
+        default = c.search(TEXT, reference_id=ref_id, top_k=8)
+        assert default.rerank_k == 50 and all(h.reranked for h in default.results)
+        batch = c.search_batch(
+            [
+                {"text": TEXT, "reference_id": ref_id, "top_k": 5, "rerank_k": 8},
+                {"text": "remove it", "reference_id": world["ids"][0], "top_k": 3, "rerank_k": 4},
+            ]
+        )
+        assert [h.id for h in batch[0].results] == [h.id for h in res.results]
+        assert all(h.reranked for h in batch[1].results) and batch[1].rerank_k == 4
+
+        # text-only: nothing to compare a candidate with, so no second stage
+        text_only = c.search(TEXT, top_k=3, rerank_k=8)
+        assert text_only.rerank_k == 0 and not any(h.reranked for h in text_only.results)
+
+        info = c.info()
+        assert info.reranker.loaded and info.reranker.fingerprint == world["rr"].fingerprint
+        assert info.reranker.features == "targets" and info.reranker.default_rerank_k == 50
+        assert info.limits.max_rerank_k == 200
+        with pytest.raises(InvalidArgumentError, match="rerank_k must be in"):
+            c.search(TEXT, reference_id=ref_id, rerank_k=201)
+
+
+def test_no_reranker_and_wrong_encoder(world: dict[str, Any], tmp_path: Path) -> None:
+    shared = {"index": world["srv"].server.service.engine.index}
+    bare = BackgroundServer(_settings(world["uri"]), encoder=world["enc"], **shared)
+    bare.start()
+    try:
+        with CIRClient(bare.target, timeout=30) as c:
+            assert not c.info().reranker.loaded and c.info().reranker.default_rerank_k == 0
+            with pytest.raises(FailedPreconditionError, match="no re-ranker"):
+                c.search(TEXT, reference_id=world["ids"][1], rerank_k=5)
+            plain = c.search(TEXT, reference_id=world["ids"][1], top_k=3)  # default: off
+            assert plain.rerank_k == 0 and not any(h.reranked for h in plain.results)
+    finally:
+        bare.stop()
+    _reranker(world["enc"], tmp_path / "other", encoder_fp="tiny-0123456789abcdef")
+    with pytest.raises(StartupError, match="trained on encoder"):
+        BackgroundServer(
+            _settings(world["uri"], reranker=str(tmp_path / "other")),
+            encoder=world["enc"],
+            **shared,
+        ).start()
