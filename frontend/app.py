@@ -3,9 +3,13 @@
 Run it with ``cir ui --server HOST:PORT`` (which sets ``CIR_UI_*`` and starts ``streamlit run``).
 
 Flow: pick a reference (upload, gallery sample/pages, or an id), type a modification text,
-press **Search**; results come as a grid with rank and score. **Use as reference** on a result
-makes it the next reference and searches again with the current text (iterative refinement);
-every search is a history step (reference, text) that **Revisit** brings back.
+press **Search**; results come as a grid with rank, score and the image's own id (the result
+that is the reference itself is marked). **Use as reference** on a result makes it the next
+reference and waits for the next change to be typed (iterative refinement); every search is a
+history step (reference, text) that **Revisit** brings back.
+
+Layout: the reference and its pickers on the left, the query box and the results on the right,
+so that both are in view without scrolling on a 1400x900 window.
 
 Every button only records what to do (callbacks run before the script); the script then runs
 the pending search once, under a spinner, so the results below always match the state.
@@ -31,21 +35,37 @@ from frontend.gateway import (
     thumbnail_from_payload,
 )
 from frontend.state import (
+    MAX_UPLOAD_PIXELS,
     UPLOAD_TYPES,
     Query,
     Reference,
     UploadError,
     build_filter,
     check_upload,
+    describe_filter,
     filter_problems,
+    human_bytes,
+    known_values,
+    upload_limit,
 )
 
 logger = logging.getLogger(__name__)
 
 GRID_COLUMNS = 4  # result cards per row
+GALLERY_COLUMNS = 4  # gallery thumbnails per row (in the narrower left column)
 DEFAULT_TOP_K = 12  # three full rows
 GALLERY_PAGE = 8  # gallery thumbnails per page (two rows)
-REF_WIDTH = 240  # pixels of the current-reference preview
+REF_WIDTH = 160  # pixels of the current-reference preview
+VALUE_SAMPLE = 100  # gallery items sampled for the keyword filters' known values
+HEADING_TEXT = 60  # characters of the text shown in the results heading
+# the picked gallery image and the result that is the reference stand out
+CSS = """
+<style>
+.st-key-gal_picked { outline: 3px solid #ff4b4b; outline-offset: 2px; border-radius: 0.5rem; }
+[class*="st-key-isref_"] { outline: 3px solid #1c83e1; outline-offset: 2px;
+  border-radius: 0.5rem; }
+</style>
+"""
 
 # Session-state keys (tests and docs/ui.md refer to these).
 K_REF = "ref"  # Reference | None: the current reference
@@ -64,7 +84,9 @@ K_NOTICE = "notice"  # str | None: a non-error note (e.g. "no more results")
 K_INFO = "server_info"  # InfoView | None
 K_INFO_ERR = "server_info_error"  # str | None
 K_UPLOAD_SEEN = "upload_seen"  # file id of the last processed upload
-K_UPLOAD_ERR = "upload_error"  # str | None
+K_UPLOAD_ERR = "upload_error"  # str | None: why the last upload was refused
+K_UPLOAD_GEN = "upload_gen"  # int: the uploader's key is upload_<gen>; +1 empties it
+K_HINT = "hint"  # str | None: what to do next (e.g. after Use as reference)
 K_GAL_MODE = "gallery_mode"
 K_GAL_SEED = "gallery_seed"
 K_GAL_OFFSET = "gallery_offset"
@@ -98,6 +120,35 @@ def _gallery_page(
     return _gw.list_images(page_size=page_size, offset=offset, random_seed=seed)
 
 
+@st.cache_data(show_spinner=False, ttl=600, max_entries=64)
+def _sample_values(
+    server: str, version: str, fields: tuple[tuple[str, str], ...], size: int, _gw: Gateway
+) -> dict[str, list[str]]:
+    """Keyword values seen in a seeded gallery sample (one ListImages call per index version)."""
+    page = _gw.list_images(page_size=size, random_seed=0)
+    return known_values([item.payload for item in page.items], dict(fields))
+
+
+def keyword_options(gw: Gateway, info: InfoView) -> dict[str, list[str]]:
+    """Values to offer per keyword field: a gallery sample's, plus those in the results."""
+    fields = tuple(sorted(info.fields.items()))
+    try:
+        sampled = _sample_values(
+            gw.settings.server,
+            info.index_version,
+            fields,
+            min(VALUE_SAMPLE, info.max_page_size),
+            gw,
+        )
+    except UIError:
+        sampled = {}
+    seen = known_values([h.payload for h in st.session_state[K_RESULTS]], info.fields)
+    return {
+        name: sorted(set(sampled.get(name, [])) | set(values), key=str.casefold)
+        for name, values in seen.items()
+    }
+
+
 # ---------------------------------------------------------------------------- state
 def init_state() -> None:
     defaults: dict[str, Any] = {
@@ -117,6 +168,8 @@ def init_state() -> None:
         K_INFO_ERR: None,
         K_UPLOAD_SEEN: None,
         K_UPLOAD_ERR: None,
+        K_UPLOAD_GEN: 0,
+        K_HINT: None,
         K_GAL_MODE: MODE_SAMPLE,
         K_GAL_SEED: random.randrange(1_000_000),
         K_GAL_OFFSET: 0,
@@ -165,12 +218,20 @@ def _current_query(reference: Reference | None) -> Query | None:
     ss = st.session_state
     info: InfoView | None = ss[K_INFO]
     text = str(ss.get(K_TEXT) or "").strip()
+    if reference is None and ss[K_UPLOAD_ERR]:
+        # the person meant to search with the file that was refused: never fall back to text
+        ss[K_ERROR] = (
+            f"There is no usable reference: {ss[K_UPLOAD_ERR]} Upload another image or pick "
+            "one from the gallery (or remove the file to search by text alone)."
+        )
+        return None
     if not text:
         ss[K_ERROR] = "Type a modification text (e.g. “make it red”) before searching."
         return None
     if info and info.max_text_chars and len(text) > info.max_text_chars:
         ss[K_ERROR] = (
-            f"The text is {len(text)} characters; the server accepts at most {info.max_text_chars}."
+            f"The text is {len(text):,} characters; the server accepts at most "
+            f"{info.max_text_chars:,}. Shorten it and search again."
         )
         return None
     values, raw = _filter_widget_values(info)
@@ -189,22 +250,38 @@ def _current_query(reference: Reference | None) -> Query | None:
     )
 
 
+def _clear_results() -> None:
+    """No results on screen that the current state does not answer (e.g. after an error)."""
+    ss = st.session_state
+    ss[K_RESULTS], ss[K_QUERY], ss[K_META], ss[K_HPOS] = [], None, {}, None
+
+
+def _reset_uploader() -> None:
+    """A new uploader widget (a new key): the old file leaves the box with its error."""
+    ss = st.session_state
+    ss[K_UPLOAD_GEN] = int(ss[K_UPLOAD_GEN]) + 1
+    ss[K_UPLOAD_SEEN] = ss[K_UPLOAD_ERR] = None
+
+
 def on_search() -> None:
     ss = st.session_state
-    ss[K_ERROR] = ss[K_NOTICE] = None
+    ss[K_ERROR] = ss[K_NOTICE] = ss[K_HINT] = None
     query = _current_query(ss[K_REF])
-    if query is not None:
+    if query is None:
+        _clear_results()
+    else:
         ss[K_PENDING] = ("new", query)
 
 
-def on_refine(image_id: str) -> None:
-    """A result becomes the reference and the current text runs against it at once."""
+def on_refine(image_id: str, user_id: str = "") -> None:
+    """A result becomes the reference; the next change is typed before searching again."""
     ss = st.session_state
     ss[K_ERROR] = ss[K_NOTICE] = None
-    ss[K_REF] = Reference.gallery(image_id)
-    query = _current_query(ss[K_REF])
-    if query is not None:
-        ss[K_PENDING] = ("new", query)
+    ss[K_REF] = Reference.gallery(image_id, user_id)
+    _reset_uploader()
+    ss[K_HINT] = (
+        f"The reference is now `{user_id or image_id}`. Type the next change and press Search."
+    )
 
 
 def on_more() -> None:
@@ -217,9 +294,11 @@ def on_more() -> None:
 def on_revisit(index: int) -> None:
     """Bring a history step back: reference, text, settings and its results."""
     ss = st.session_state
-    ss[K_ERROR] = ss[K_NOTICE] = None
+    ss[K_ERROR] = ss[K_NOTICE] = ss[K_HINT] = None
     step: Query = ss[K_HISTORY][index]
     ss[K_REF] = step.reference
+    if step.reference is not None:
+        _reset_uploader()
     ss[K_TEXT] = step.text
     ss[K_TOPK] = step.top_k
     ss[K_MODE] = step.mode
@@ -228,15 +307,16 @@ def on_revisit(index: int) -> None:
     ss[K_PENDING] = ("revisit", step, index)
 
 
-def on_pick(image_id: str) -> None:
+def on_pick(image_id: str, user_id: str = "") -> None:
     ss = st.session_state
-    ss[K_ERROR] = None
-    ss[K_REF] = Reference.gallery(image_id)
+    ss[K_ERROR] = ss[K_HINT] = None
+    ss[K_REF] = Reference.gallery(image_id, user_id)
+    _reset_uploader()
 
 
 def on_use_id(gw: Gateway) -> None:
     ss = st.session_state
-    ss[K_ERROR] = None
+    ss[K_ERROR] = ss[K_HINT] = None
     image_id = str(ss.get(K_REF_ID) or "").strip()
     if not image_id:
         ss[K_ERROR] = "Type a gallery id first."
@@ -250,10 +330,13 @@ def on_use_id(gw: Gateway) -> None:
             ss[K_ERROR] = err.message
         return
     ss[K_REF] = Reference.gallery(image_id)
+    _reset_uploader()
 
 
 def on_clear_reference() -> None:
     st.session_state[K_REF] = None
+    st.session_state[K_HINT] = None
+    _reset_uploader()
 
 
 def on_clear_history() -> None:
@@ -302,6 +385,8 @@ def run_pending(gw: Gateway) -> None:
             ss[K_ERROR] = err.message
             if err.kind == "unavailable":
                 ss[K_INFO_ERR] = err.message
+            if action != "more":  # the old results do not answer the refused query
+                _clear_results()
             return
     ss[K_META] = {"index_version": page.index_version, "timings": page.timings}
     ss[K_DONE] = len(page.hits) < query.top_k
@@ -371,14 +456,26 @@ def render_sidebar(gw: Gateway, settings: UISettings, info: InfoView | None) -> 
             "token; fast: approximate candidates, then exact rerank.",
         )
         fields = info.fields if info else {}
-        if fields:
+        if fields and info is not None:
             st.subheader("Filters")
+            options = keyword_options(gw, info)
             for name, ftype in sorted(fields.items()):
                 if ftype == "keyword":
-                    st.text_input(
+                    key = f"flt_{name}"
+                    chosen = ss.get(key)
+                    if isinstance(chosen, str):  # a text from an older step: the same choice
+                        chosen = ss[key] = [v.strip() for v in chosen.split(",") if v.strip()]
+                    offered = sorted(
+                        set(options.get(name, [])) | set(chosen or []), key=str.casefold
+                    )
+                    st.multiselect(
                         name,
-                        key=f"flt_{name}",
-                        placeholder="any (comma-separated: any of)",
+                        offered,
+                        key=key,
+                        placeholder="any",
+                        accept_new_options=True,
+                        help="Any of the chosen values. The list holds the values seen in the "
+                        "gallery; type another one to add it.",
                     )
                 elif ftype in ("integer", "float"):
                     step: Any = 1 if ftype == "integer" else None
@@ -398,27 +495,37 @@ def render_sidebar(gw: Gateway, settings: UISettings, info: InfoView | None) -> 
         for i, step_q in enumerate(history):
             marker = "▶ " if ss[K_HPOS] == i else ""
             cols = st.columns([5, 3], vertical_alignment="center")
-            cols[0].markdown(f"{marker}**{i + 1}.** {step_q.summary()}")
+            cols[0].markdown(f"{marker}**{i + 1}.** {step_q.summary(40)}")
             cols[1].button("Revisit", key=f"revisit_{i}", on_click=on_revisit, args=(i,))
         if history:
             st.button("Clear history", key="clear_history", on_click=on_clear_history)
 
 
-def render_reference(gw: Gateway, box: Any) -> None:
-    """The current reference (drawn into ``box``, a container placed above the pickers)."""
+def render_reference(gw: Gateway) -> None:
+    """The current reference, with Clear reference."""
     ref: Reference | None = st.session_state[K_REF]
-    with box:
-        st.subheader("Reference")
-        if ref is None:
+    st.subheader("Reference")
+    if ref is None:
+        if st.session_state[K_UPLOAD_ERR]:
+            st.warning("No usable reference: the uploaded file was refused (see Upload).")
+        else:
             st.info("No reference yet: upload an image or pick one from the gallery.")
             st.caption("Without a reference the search uses the text alone.")
-            return
-        if ref.kind == "upload" and ref.data:
-            st.image(ref.data, width=REF_WIDTH)
-        elif ref.gallery_id:
-            show_image(gw, ref.gallery_id, width=REF_WIDTH)
-        st.markdown(f"**Current reference:** {ref.describe()}")
-        st.button("Clear reference", key="clear_ref", on_click=on_clear_reference)
+        return
+    if ref.kind == "upload" and ref.data:
+        st.image(ref.data, width=REF_WIDTH)
+    elif ref.gallery_id:
+        show_image(gw, ref.gallery_id, width=REF_WIDTH)
+    st.markdown(f"**Current reference:** {ref.describe()}")
+    st.button("Clear reference", key="clear_ref", on_click=on_clear_reference)
+
+
+def _is_picked(ref: Reference | None, item: Any) -> bool:
+    if ref is None or ref.kind != "gallery":
+        return False
+    return ref.gallery_id in (item.id, item.user_id) or bool(
+        ref.user_id and ref.user_id == item.user_id
+    )
 
 
 def render_pickers(gw: Gateway, settings: UISettings, info: InfoView | None) -> None:
@@ -426,27 +533,30 @@ def render_pickers(gw: Gateway, settings: UISettings, info: InfoView | None) -> 
     tab_gallery, tab_upload, tab_id = st.tabs(["Gallery", "Upload", "By id"])
 
     with tab_upload:
-        limit = settings.max_upload_bytes
-        if info and info.max_image_bytes:
-            limit = min(limit, info.max_image_bytes)
+        limit = upload_limit(info.max_image_bytes if info else 0, settings.max_upload_bytes)
+        pixels = info.max_image_pixels if info and info.max_image_pixels else MAX_UPLOAD_PIXELS
+        # Streamlit's own cap (its MB is 2**20 bytes) is the same limit, so its chip agrees
         uploaded = st.file_uploader(
-            f"Upload a reference image (at most {limit / 2**20:.0f} MiB)",
+            f"Upload a reference image (at most {human_bytes(limit)} and "
+            f"{pixels / 1e6:.0f} megapixels)",
             type=list(UPLOAD_TYPES),
-            key="upload",
-            max_upload_size=max(1, math.ceil(2 * limit / 2**20)),
+            key=f"upload_{ss[K_UPLOAD_GEN]}",
+            max_upload_size=max(1, math.ceil(limit / 2**20)),
         )
         if uploaded is not None and uploaded.file_id != ss[K_UPLOAD_SEEN]:
             ss[K_UPLOAD_SEEN] = uploaded.file_id
+            ss[K_HINT] = None
             data = uploaded.getvalue()
             try:
-                check_upload(data, limit)
+                check_upload(data, limit, pixels)
             except UploadError as exc:
-                ss[K_UPLOAD_ERR] = f"{uploaded.name}: {exc}"
+                ss[K_UPLOAD_ERR] = f"`{uploaded.name}` was refused: {exc}"
+                ss[K_REF] = None  # never search with the previous reference by mistake
             else:
                 ss[K_UPLOAD_ERR] = None
                 ss[K_REF] = Reference.upload(uploaded.name, data)
-        if uploaded is None:
-            ss[K_UPLOAD_SEEN] = None
+        if uploaded is None and ss[K_UPLOAD_SEEN] is not None:
+            ss[K_UPLOAD_SEEN] = ss[K_UPLOAD_ERR] = None  # the file was removed
         if ss[K_UPLOAD_ERR]:
             st.error(ss[K_UPLOAD_ERR], icon=":material/broken_image:")
 
@@ -493,21 +603,61 @@ def render_pickers(gw: Gateway, settings: UISettings, info: InfoView | None) -> 
             if page is not None:
                 if not page.items:
                     st.caption("The gallery is empty.")
-                for row_start in range(0, len(page.items), GRID_COLUMNS):
-                    cols = st.columns(GRID_COLUMNS)
+                ref: Reference | None = ss[K_REF]
+                for row_start in range(0, len(page.items), GALLERY_COLUMNS):
+                    cols = st.columns(GALLERY_COLUMNS)
                     for col, item in zip(
-                        cols, page.items[row_start : row_start + GRID_COLUMNS], strict=False
+                        cols, page.items[row_start : row_start + GALLERY_COLUMNS], strict=False
                     ):
-                        with col:
+                        picked = _is_picked(ref, item)
+                        box = col.container(key="gal_picked" if picked else None)
+                        with box:
                             show_image(gw, item.id, item.payload)
-                            st.caption(item.id)
+                            st.caption(f"**✓ {item.label}**" if picked else item.label)
                             st.button(
-                                "Pick", key=f"pick_{item.id}", on_click=on_pick, args=(item.id,)
+                                "Picked" if picked else "Pick",
+                                key=f"pick_{item.id}",
+                                on_click=on_pick,
+                                args=(item.id, item.user_id),
+                                disabled=picked,
+                                type="primary" if picked else "secondary",
                             )
 
     with tab_id:
-        st.text_input("Gallery id", key=K_REF_ID, placeholder="e.g. img-0001")
+        st.text_input(
+            "Gallery id",
+            key=K_REF_ID,
+            placeholder="e.g. img-0001 or photos/cat.jpg",
+            help="The image's own id (the manifest's id column, or its path relative to the "
+            "indexed folder) or its point id.",
+        )
         st.button("Use this id", key="use_id", on_click=on_use_id, args=(gw,))
+
+
+def render_query(info: InfoView | None) -> None:
+    """The modification text and Search; a text over the server's limit is flagged here."""
+    ss = st.session_state
+    limit = info.max_text_chars if info and info.max_text_chars else 0
+    text_col, btn_col = st.columns([5, 1], vertical_alignment="bottom")
+    with text_col:
+        # no max_chars: Streamlit would cut a longer paste without a word; say so instead
+        st.text_input(
+            "Modification text",
+            key=K_TEXT,
+            placeholder="e.g. “the same but red and larger”",
+            help=f"At most {limit:,} characters." if limit else None,
+        )
+    with btn_col:
+        st.button("Search", key="search", type="primary", on_click=on_search, width="stretch")
+    n = len(str(ss.get(K_TEXT) or "").strip())
+    if limit and n > limit:
+        st.warning(
+            f"The text is {n:,} characters; the server reads at most {limit:,}. Shorten it "
+            "before searching.",
+            icon=":material/short_text:",
+        )
+    if ss[K_HINT]:
+        st.info(ss[K_HINT], icon=":material/edit:")
 
 
 def render_results(gw: Gateway, info: InfoView | None) -> None:
@@ -516,12 +666,12 @@ def render_results(gw: Gateway, info: InfoView | None) -> None:
     query: Query | None = ss[K_QUERY]
     if query is None:
         return
-    st.subheader(f"Results for {query.summary()}")
+    st.subheader(f"Results for {query.summary(HEADING_TEXT)}")
     meta = ss[K_META] or {}
     timings = meta.get("timings") or {}
     bits = [f"{len(results)} shown", f"mode {query.mode}"]
     if query.filter:
-        bits.append(f"filter {query.filter}")
+        bits.append(f"filter: {describe_filter(query.filter)}")
     if meta.get("index_version"):
         bits.append(f"index {meta['index_version']}")
     if "total_ms" in timings:
@@ -530,21 +680,27 @@ def render_results(gw: Gateway, info: InfoView | None) -> None:
     if not results:
         st.info("No results. Try another text, or loosen the filters.")
         return
+    ref = query.reference
     for row_start in range(0, len(results), GRID_COLUMNS):
         cols = st.columns(GRID_COLUMNS)
         for col, hit in zip(cols, results[row_start : row_start + GRID_COLUMNS], strict=False):
+            is_ref = ref is not None and ref.is_hit(hit.id, hit.user_id, hit.payload)
             with col, st.container(border=True, key=f"card_{hit.rank}"):
-                show_image(gw, hit.id, hit.payload)
-                st.markdown(f"**#{hit.rank}** · score `{hit.score:.4f}`")
-                st.caption(hit.id)
+                marker = st.container(key=f"isref_{hit.rank}") if is_ref else st.container()
+                with marker:
+                    show_image(gw, hit.id, hit.payload)
+                line = f"**#{hit.rank}** · score `{hit.score:.4f}`"
+                st.markdown(line + (" · :blue-badge[the reference]" if is_ref else ""))
+                st.caption(hit.label)
                 st.button(
                     "Use as reference",
                     key=f"refine_{hit.rank}",
                     on_click=on_refine,
-                    args=(hit.id,),
-                    help="Make this image the reference and search again with the current text",
+                    args=(hit.id, hit.user_id),
+                    help="Make this image the reference, then type the next change",
                 )
                 with st.expander("Details"):
+                    st.caption(f"point id `{hit.id}`")
                     st.json(payload_for_display(hit.payload), expanded=True)
     max_offset = info.max_offset if info else 10_000
     st.button(
@@ -564,6 +720,7 @@ def main() -> None:
     gw = gateway(settings)
     info = load_info(gw)
     ss = st.session_state
+    st.html(CSS)
 
     st.title("Composed image retrieval")
     st.caption("Pick a reference image, say what to change, and search the gallery.")
@@ -572,29 +729,19 @@ def main() -> None:
         st.error(banner, icon=":material/cloud_off:")
 
     left, right = st.columns([1, 2], gap="large")
-    ref_box = left.container()
+    with left:
+        ref_box = st.container()
+        render_pickers(gw, settings, info)  # first: an upload sets the reference drawn above
+        with ref_box:
+            render_reference(gw)
     with right:
-        render_pickers(gw, settings, info)
-    render_reference(gw, ref_box)
-
-    st.divider()
-    text_col, btn_col = st.columns([5, 1], vertical_alignment="bottom")
-    with text_col:
-        st.text_input(
-            "Modification text",
-            key=K_TEXT,
-            placeholder="e.g. “the same but red and larger”",
-            max_chars=info.max_text_chars if info and info.max_text_chars else None,
-        )
-    with btn_col:
-        st.button("Search", key="search", type="primary", on_click=on_search, width="stretch")
-
-    run_pending(gw)
-    info = ss[K_INFO]
-    if ss[K_ERROR] and ss[K_ERROR] != banner:  # the same "server down" message once is enough
-        st.error(ss[K_ERROR], icon=":material/error:")
+        render_query(info)
+        run_pending(gw)
+        info = ss[K_INFO]
+        if ss[K_ERROR] and ss[K_ERROR] != banner:  # the same "server down" message once is enough
+            st.error(ss[K_ERROR], icon=":material/error:")
+        render_results(gw, info)
     render_sidebar(gw, settings, info)
-    render_results(gw, info)
 
 
 main()

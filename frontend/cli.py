@@ -8,6 +8,7 @@ Ctrl-C and service managers stop the child cleanly. Nothing here imports streaml
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -17,15 +18,22 @@ from types import FrameType
 
 import typer
 
-from frontend.config import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_SERVER, DEFAULT_TIMEOUT_S, UISettings
+from frontend.config import DEFAULT_SERVER, DEFAULT_TIMEOUT_S, UISettings
 
 logger = logging.getLogger(__name__)
 
 APP_PATH = Path(__file__).with_name("app.py")
 
 
-def streamlit_command(host: str, port: int, python: str | None = None) -> list[str]:
-    """The ``streamlit run`` command line for the app (headless, no telemetry)."""
+def streamlit_command(
+    host: str, port: int, python: str | None = None, max_upload_mb: int | None = None
+) -> list[str]:
+    """The ``streamlit run`` command line for the app (headless, no telemetry).
+
+    ``max_upload_mb``: Streamlit's own upload cap (``server.maxUploadSize``, in its MB of
+    2**20 bytes), set to the UI's one limit so the uploader's chip and the page agree.
+    """
+    upload = ["--server.maxUploadSize", str(max_upload_mb)] if max_upload_mb else []
     return [
         python or sys.executable,
         "-m",
@@ -44,7 +52,31 @@ def streamlit_command(host: str, port: int, python: str | None = None) -> list[s
         "minimal",  # no "Deploy" button for the people searching
         "--server.fileWatcherType",
         "none",  # no reloader threads polling the tree in production
+        *upload,
     ]
+
+
+def upload_limit_mb(settings: UISettings, probe_timeout: float = 3.0) -> int:
+    """The uploader's cap for ``server.maxUploadSize``: the server's ``max_image_bytes`` from
+    ``Info`` (lowered by ``--max-upload-mb``), or the server's default when it cannot be asked
+    now (the page re-reads ``Info`` and sets each uploader's own cap from it)."""
+    from frontend.state import upload_limit
+
+    server_bytes = 0
+    try:
+        from server.client import CIRClient
+
+        with CIRClient(
+            settings.server,
+            api_key=settings.api_key,
+            tls_ca=settings.tls_ca,
+            timeout=min(probe_timeout, settings.timeout),
+            retries=0,
+        ) as client:
+            server_bytes = int(client.info().limits.max_image_bytes)
+    except Exception as exc:  # noqa: BLE001 - the page reports a down server itself
+        logger.info("server %s not reachable for its upload limit (%s)", settings.server, exc)
+    return max(1, math.ceil(upload_limit(server_bytes, settings.max_upload_bytes) / 2**20))
 
 
 def run_streamlit(settings: UISettings, host: str, port: int) -> int:
@@ -53,7 +85,7 @@ def run_streamlit(settings: UISettings, host: str, port: int) -> int:
     # The app imports `frontend.*`: make the repository importable whatever the cwd is.
     root = str(APP_PATH.parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    cmd = streamlit_command(host, port)
+    cmd = streamlit_command(host, port, max_upload_mb=upload_limit_mb(settings))
     logger.info("starting the UI on http://%s:%d (server %s)", host, port, settings.server)
     child = subprocess.Popen(cmd, env=env)
 
@@ -92,8 +124,11 @@ def ui(
     tls_ca: Path | None = typer.Option(
         None, "--tls-ca", exists=True, dir_okay=False, help="CA PEM of a TLS server"
     ),
-    max_upload_mb: float = typer.Option(
-        DEFAULT_MAX_UPLOAD_BYTES / 2**20, "--max-upload-mb", min=0.1, help="largest upload"
+    max_upload_mb: float | None = typer.Option(
+        None,
+        "--max-upload-mb",
+        min=0.1,
+        help="largest upload, below the server's max_image_bytes (default: the server's limit)",
     ),
 ) -> None:
     """Run the Streamlit search UI (a client of `cir serve`; it never loads the model)."""
@@ -104,7 +139,7 @@ def ui(
         api_key=api_key or None,
         timeout=timeout,
         tls_ca=str(tls_ca) if tls_ca else None,
-        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_upload_bytes=int(max_upload_mb * 2**20) if max_upload_mb else None,
     )
     code = run_streamlit(settings, host, port)
     if code not in (0, -signal.SIGINT, -signal.SIGTERM):

@@ -21,6 +21,7 @@ ENV_MAX_UPLOAD_MB = "CIR_UI_MAX_UPLOAD_MB"
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 10.0
+#: What the UI assumes when the server's limit is unknown: the server's own default.
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 
 
@@ -32,31 +33,28 @@ class UISettings:
     api_key: str | None = None  # sent as x-api-key when set
     timeout: float = DEFAULT_TIMEOUT_S  # per-call deadline in seconds
     tls_ca: str | None = None  # PEM file of the CA for a TLS server (None: plaintext)
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # client-side cap before the server's own
+    # a cap below the server's max_image_bytes (None: the server's limit is the one limit)
+    max_upload_bytes: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> UISettings:
         """Read ``CIR_UI_*``; a malformed number falls back to the default (logged), never raises."""
         env = os.environ if env is None else env
         timeout = _float(env.get(ENV_TIMEOUT), DEFAULT_TIMEOUT_S, ENV_TIMEOUT)
-        max_mb = _float(
-            env.get(ENV_MAX_UPLOAD_MB), DEFAULT_MAX_UPLOAD_BYTES / 2**20, ENV_MAX_UPLOAD_MB
-        )
+        max_mb = _float(env.get(ENV_MAX_UPLOAD_MB), 0.0, ENV_MAX_UPLOAD_MB)
         return cls(
             server=(env.get(ENV_SERVER) or DEFAULT_SERVER).strip(),
             api_key=env.get(ENV_API_KEY) or None,
             timeout=timeout if timeout > 0 else DEFAULT_TIMEOUT_S,
             tls_ca=env.get(ENV_TLS_CA) or None,
-            max_upload_bytes=int(max_mb * 2**20) if max_mb > 0 else DEFAULT_MAX_UPLOAD_BYTES,
+            max_upload_bytes=int(max_mb * 2**20) if max_mb > 0 else None,
         )
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that make ``from_env`` return these settings."""
-        env = {
-            ENV_SERVER: self.server,
-            ENV_TIMEOUT: str(self.timeout),
-            ENV_MAX_UPLOAD_MB: str(self.max_upload_bytes / 2**20),
-        }
+        env = {ENV_SERVER: self.server, ENV_TIMEOUT: str(self.timeout)}
+        if self.max_upload_bytes:
+            env[ENV_MAX_UPLOAD_MB] = str(self.max_upload_bytes / 2**20)
         if self.api_key:
             env[ENV_API_KEY] = self.api_key
         if self.tls_ca:

@@ -42,10 +42,16 @@ class UIError(Exception):
 class HitView:
     """One search result as the grid shows it."""
 
-    id: str  # gallery id
+    id: str  # point id (the index's own id)
     score: float  # MaxSim score (higher is better)
     rank: int  # 1-based absolute rank
     payload: dict[str, Any] = field(default_factory=dict)  # stored payload (no thumbnail)
+    user_id: str = ""  # the image's own id (manifest id column / relative path); "" if none
+
+    @property
+    def label(self) -> str:
+        """The id people know the image by: its own id, else the point id."""
+        return self.user_id or self.id
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,17 @@ class SearchView:
 class GalleryItem:
     """A gallery item from ``ListImages``."""
 
-    id: str
+    id: str  # point id
     payload: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def user_id(self) -> str:
+        value = self.payload.get("user_id")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def label(self) -> str:
+        return self.user_id or self.id
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class InfoView:
     max_offset: int = 10_000  # largest offset ("more results" stops there)
     max_text_chars: int = 0  # 0: unknown
     max_image_bytes: int = 0  # 0: unknown
+    max_image_pixels: int = 0  # 0: unknown
     max_page_size: int = 100  # largest ListImages page
     server_version: str = ""
     modes: tuple[str, ...] = DEFAULT_MODES  # search modes offered in the UI
@@ -359,6 +375,7 @@ def _info_view(info: Any) -> InfoView:
         max_offset=_int(_get(info, "limits.max_offset", "max_offset"), 10_000),
         max_text_chars=_int(_get(info, "limits.max_text_chars", "max_text_chars"), 0),
         max_image_bytes=_int(_get(info, "limits.max_image_bytes", "max_image_bytes"), 0),
+        max_image_pixels=_int(_get(info, "limits.max_image_pixels", "max_image_pixels"), 0),
         max_page_size=_int(_get(info, "limits.max_page_size", "max_page_size"), 100),
         server_version=str(_get(info, "server_version", default="")),
         modes=tuple(str(m) for m in modes) if modes else DEFAULT_MODES,
@@ -370,12 +387,15 @@ def _search_view(res: Any, offset: int) -> SearchView:
     hits = []
     for pos, h in enumerate(raw_hits):
         rank = _int(_get(h, "rank", default=0), offset + pos + 1)
+        payload = _payload(_get(h, "payload", default=None))
+        user_id = _get(h, "user_id", default="") or payload.get("user_id") or ""
         hits.append(
             HitView(
                 id=str(_get(h, "id", default="")),
                 score=float(_get(h, "score", default=0.0)),
                 rank=rank,
-                payload=_payload(_get(h, "payload", default=None)),
+                payload=payload,
+                user_id=str(user_id),
             )
         )
     timings_raw = _get(res, "timings", default={})

@@ -51,8 +51,9 @@ class Gallery:
 
     index_uri: str  # open_index URI of the built index
     image_dir: Path  # the original PNGs
-    ids: list[str]  # gallery ids, in insertion order
+    ids: list[str]  # point ids (uuids, as the indexer makes them), in insertion order
     fingerprint: str  # encoder fingerprint the index was built with
+    user_ids: list[str]  # the images' own ids ("img-000", ...; payload user_id), same order
 
 
 def free_port() -> int:
@@ -87,15 +88,18 @@ def build_gallery(root: Path, n: int = 24, uri_scheme: str = "edge") -> Gallery:
     """``n`` shape images under ``root/images`` indexed with the tiny model under ``root/index``.
 
     Payloads: ``path`` (the PNG), ``thumbnail`` (base64 JPEG), ``shape``/``color`` (keyword) and
-    ``size`` (integer), all three declared filterable.
+    ``size`` (integer), all three declared filterable, and ``user_id`` ("img-000", ...). Point
+    ids are uuids, as the indexer makes them, so the page must show the user ids.
     """
+    import uuid
+
     from retrieval.encoder import Encoder
     from retrieval.index import open_index
 
     image_dir = root / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     enc = Encoder.from_pretrained(MODEL, num_threads=1)
-    ids, images, payloads = [], [], []
+    ids, user_ids, images, payloads = [], [], [], []
     names = list(COLORS)
     for i in range(n):
         shape, color = SHAPES[i % len(SHAPES)], names[(i // len(SHAPES)) % len(names)]
@@ -106,7 +110,8 @@ def build_gallery(root: Path, n: int = 24, uri_scheme: str = "edge") -> Gallery:
         img.save(path)
         thumb = io.BytesIO()
         img.resize((48, 48)).save(thumb, format="JPEG", quality=85)
-        ids.append(item_id)
+        ids.append(str(uuid.uuid5(uuid.NAMESPACE_URL, f"cir-test/{item_id}")))
+        user_ids.append(item_id)
         images.append(img)
         payloads.append(
             {
@@ -116,6 +121,7 @@ def build_gallery(root: Path, n: int = 24, uri_scheme: str = "edge") -> Gallery:
                 "color": color,
                 "size": size,
                 "caption": f"a {color} {shape}",
+                "user_id": item_id,
             }
         )
     tokens = enc.encode_targets(images)
@@ -128,7 +134,9 @@ def build_gallery(root: Path, n: int = 24, uri_scheme: str = "edge") -> Gallery:
         fields=FIELDS,  # type: ignore[arg-type]
     ) as idx:
         idx.upsert(ids, tokens, payloads)
-    return Gallery(index_uri=uri, image_dir=image_dir, ids=ids, fingerprint=enc.fingerprint)
+    return Gallery(
+        index_uri=uri, image_dir=image_dir, ids=ids, fingerprint=enc.fingerprint, user_ids=user_ids
+    )
 
 
 def server_kwargs(gallery: Gallery, **overrides: Any) -> dict[str, Any]:

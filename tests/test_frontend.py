@@ -22,12 +22,17 @@ from PIL import Image
 from frontend.config import UISettings
 from frontend.gateway import Gateway, UIError, classify, payload_for_display, to_ui_error
 from frontend.state import (
+    Query,
     Reference,
     UploadError,
     build_filter,
     check_upload,
+    describe_filter,
     filter_problems,
+    known_values,
     parse_keyword,
+    shorten,
+    upload_limit,
 )
 from server import errors as cerr
 
@@ -49,7 +54,15 @@ def test_settings_roundtrip_through_env() -> None:
 
 def test_settings_bad_numbers_fall_back() -> None:
     s = UISettings.from_env({"CIR_UI_TIMEOUT": "soon", "CIR_UI_MAX_UPLOAD_MB": "-1"})
-    assert s.timeout == 10.0 and s.max_upload_bytes == 10 * 2**20 and s.api_key is None
+    # no cap of the UI's own: the server's max_image_bytes is the one limit
+    assert s.timeout == 10.0 and s.max_upload_bytes is None and s.api_key is None
+    assert UISettings.from_env(UISettings().to_env()).max_upload_bytes is None
+
+
+def test_one_upload_limit_from_the_server() -> None:
+    assert upload_limit(32 * 2**20, None) == 32 * 2**20  # the server's Info
+    assert upload_limit(32 * 2**20, 5 * 2**20) == 5 * 2**20  # a lower cap of cir ui
+    assert upload_limit(0, None) == 10 * 2**20  # unknown: the server's default
 
 
 # ------------------------------------------------------------------------------ filters
@@ -81,15 +94,52 @@ def test_check_upload_accepts_an_image() -> None:
 @pytest.mark.parametrize(
     ("data", "needle"),
     [
-        (b"", "empty"),
-        (b"not an image at all", "not a usable image"),
-        (png_bytes()[:60], "not a readable image"),  # truncated
-        (b"\0" * (2 * 2**20), "limit is 1.0 MiB"),
+        (b"", "The file is empty"),
+        (b"not an image at all", "The file is text, not a JPEG, PNG, WebP, GIF, BMP or TIFF"),
+        (b"%PDF-1.5 ...", "a PDF document"),
+        (png_bytes()[:60], "PNG"),  # truncated: says which format and what is wrong
+        (b"\0" * (2 * 2**20), "The file is 2 MB; the server accepts at most 1 MB"),
     ],
 )
 def test_check_upload_refuses_bad_files(data: bytes, needle: str) -> None:
-    with pytest.raises(UploadError, match=needle):
+    with pytest.raises(UploadError, match=needle) as err:
         check_upload(data, 2**20)
+    assert "BytesIO" not in str(err.value) and " at 0x" not in str(err.value)
+
+
+def test_check_upload_refuses_too_many_pixels_before_decoding() -> None:
+    big = io.BytesIO()
+    Image.new("RGB", (3000, 2000)).save(big, format="PNG")
+    with pytest.raises(UploadError, match="3000x2000 = 6,000,000 pixels; the limit is 5,000,000"):
+        check_upload(big.getvalue(), 2**20, max_pixels=5_000_000)
+    assert check_upload(big.getvalue(), 2**20, max_pixels=6_000_000) == (3000, 2000)
+
+
+def test_filter_in_words_known_values_and_short_headings() -> None:
+    flt = {"color": ["red", "blue"], "size": {"gte": 30, "lt": 50.0}, "sale": True, "c": "x"}
+    assert describe_filter(flt) == (
+        "color is red or blue · size ≥ 30 and size < 50 · sale is true · c is x"
+    )
+    fields = {"color": "keyword", "size": "integer", "tags": "keyword"}
+    pays = [{"color": "red", "tags": ["a", "b"]}, {"color": "Blue", "size": 3}, {"color": ""}]
+    assert known_values(pays, fields) == {"color": ["Blue", "red"], "tags": ["a", "b"]}
+    long = "make it " + "much " * 1000 + "redder"
+    assert len(shorten(long, 60)) <= 60 and shorten(long, 60).endswith("…")
+    assert shorten("short text", 60) == "short text"
+    summary = Query(reference=None, text=long).summary(60)
+    assert summary.startswith("(text only) + “make it much") and len(summary) < 90
+
+
+def test_reference_knows_itself_among_results() -> None:
+    ref = Reference.gallery("3f2b-point", "g001")
+    assert ref.label == "g001" and ref.is_hit("3f2b-point") and ref.is_hit("other", "g001")
+    assert not ref.is_hit("other", "g002")
+    data = png_bytes()
+    up = Reference.upload("mine.png", data)
+    import hashlib
+
+    assert up.is_hit("p", "u", {"sha256": hashlib.sha256(data).hexdigest()})
+    assert not up.is_hit("p", "u", {"sha256": "0" * 64}) and not up.is_hit("p", "u", {})
 
 
 def test_reference_identity() -> None:
@@ -161,6 +211,22 @@ def test_cli_registers_ui_and_builds_streamlit_command() -> None:
     assert "--server.address 127.0.0.1" in joined and "--browser.gatherUsageStats false" in joined
     bad = CliRunner().invoke(app, ["ui", "--server", "nocolon"])
     assert bad.exit_code != 0 and "HOST:PORT" in bad.output
+
+
+def test_cli_sets_streamlits_upload_cap_to_the_one_limit() -> None:
+    import socket
+
+    from frontend.cli import streamlit_command, upload_limit_mb
+
+    joined = " ".join(streamlit_command("127.0.0.1", 9999, max_upload_mb=32))
+    assert "--server.maxUploadSize 32" in joined
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there
+    # the server cannot be asked: its default limit (10 MiB), or the UI's lower cap
+    assert upload_limit_mb(UISettings(server=down, timeout=1.0), probe_timeout=0.5) == 10
+    capped = UISettings(server=down, timeout=1.0, max_upload_bytes=3 * 2**20)
+    assert upload_limit_mb(capped, probe_timeout=0.5) == 3
 
 
 # ------------------------------------------------------------------------------ no model in the UI
@@ -242,9 +308,10 @@ class FakeClient:
             "results": [
                 {
                     "id": f"img-{off + i}",
+                    "user_id": f"u{off + i}",
                     "score": 0.9 - 0.1 * i,
                     "rank": off + i + 1,
-                    "payload": {"shape": "disc"},
+                    "payload": {"shape": "disc", "user_id": f"u{off + i}"},
                 }
                 for i in range(min(kw.get("top_k", 10), 3))
             ],
@@ -259,8 +326,13 @@ class FakeClient:
     def list_images(
         self, page_size: int = 50, offset: int = 0, random_seed: int | None = None
     ) -> Any:
-        self._maybe_fail("list_images")
-        return ([{"id": f"img-{i}", "payload": {}} for i in range(3)], None, 3)
+        self._maybe_fail("list_images", page_size=page_size)
+        shapes = ["disc", "square", "bar"]
+        items = [
+            {"id": f"img-{i}", "payload": {"shape": shapes[i], "user_id": f"u{i}"}}
+            for i in range(3)
+        ]
+        return (items, None, 3)
 
 
 @pytest.fixture
@@ -289,7 +361,9 @@ def test_fake_search_shows_grid_and_history(fake_app: Any) -> None:
     at = fake_app.run()
     assert not at.exception and not at.error
     at.text_input(key="mod_text").input("make it blue")
-    at.text_input(key="flt_shape").input("disc, square")
+    # a keyword filter offers the values the gallery has
+    assert at.multiselect(key="flt_shape").options == ["bar", "disc", "square"]
+    at.multiselect(key="flt_shape").set_value(["disc", "square"])
     at.button(key="search").click().run()
     assert not at.exception and not at.error, _errors(at)
     assert [b.key for b in at.button if b.key.startswith("refine_")] == [
@@ -346,17 +420,114 @@ def test_fake_wrong_api_key_at_startup(fake_app: Any) -> None:
     assert "rejected the API key" in _errors(at)
 
 
+def uploader(at: Any) -> Any:
+    return at.file_uploader(key=f"upload_{at.session_state['upload_gen']}")
+
+
 def test_fake_bad_upload_is_refused(fake_app: Any) -> None:
     at = fake_app.run()
-    at.file_uploader(key="upload").set_value(("broken.png", b"\x89PNG garbage", "image/png"))
+    uploader(at).set_value(("broken.png", b"\x89PNG garbage", "image/png"))
     at.run()
     assert not at.exception
-    assert "broken.png" in _errors(at) and at.session_state["ref"] is None
-    at.file_uploader(key="upload").set_value(
-        ("big.png", png_bytes(size=600) + b"\0" * 2**20, "image/png")
-    )
+    assert "`broken.png` was refused" in _errors(at) and at.session_state["ref"] is None
+    assert "not a JPEG, PNG" in _errors(at) and "BytesIO" not in _errors(at)
+    uploader(at).set_value(("big.png", png_bytes(size=600) + b"\0" * 2**20, "image/png"))
     at.run()
-    assert "limit is 1.0 MiB" in _errors(at)
+    # the one limit: the server's Info (the fake says 1 MiB), also in the uploader's label
+    assert "the server accepts at most 1 MB" in _errors(at)
+    assert "at most 1 MB" in uploader(at).label
+
+
+def test_fake_failed_upload_then_search_says_no_usable_reference(fake_app: Any) -> None:
+    at = fake_app.run()
+    uploader(at).set_value(("notes.png", b"just some text", "image/png"))
+    at.run()
+    at.text_input(key="mod_text").input("make it blue")
+    at.button(key="search").click().run()
+    assert not at.exception
+    assert "There is no usable reference: `notes.png` was refused" in _errors(at)
+    assert not [c for c in FakeClient.calls if c[0] == "search"]  # nothing ran text-only
+    assert at.session_state["results"] == []
+    assert any("No usable reference" in w.value for w in at.warning)
+    # removing the file from the box makes a text-only search possible again
+    uploader(at).set_value(None)
+    at.run()
+    at.button(key="search").click().run()
+    assert not at.error, _errors(at)
+    assert [c for c in FakeClient.calls if c[0] == "search"]
+
+
+def test_fake_clear_and_use_as_reference_reset_the_uploader(fake_app: Any) -> None:
+    at = fake_app.run()
+    uploader(at).set_value(("red.png", png_bytes(), "image/png"))
+    at.run()
+    assert at.session_state["ref"].kind == "upload" and uploader(at).value is not None
+    gen = at.session_state["upload_gen"]
+    at.button(key="clear_ref").click().run()
+    assert at.session_state["ref"] is None and at.session_state["upload_gen"] == gen + 1
+    assert uploader(at).value is None  # a fresh, empty uploader
+    uploader(at).set_value(("red.png", png_bytes(), "image/png"))
+    at.run()
+    at.text_input(key="mod_text").input("make it blue")
+    at.button(key="search").click().run()
+    n_search = len([c for c in FakeClient.calls if c[0] == "search"])
+    # Use as reference: the result is the reference, the uploader is empty, nothing searched
+    at.button(key="refine_2").click().run()
+    assert not at.exception and not at.error, _errors(at)
+    ref = at.session_state["ref"]
+    assert ref.kind == "gallery" and ref.gallery_id == "img-1" and uploader(at).value is None
+    assert len([c for c in FakeClient.calls if c[0] == "search"]) == n_search
+    assert any("Type the next change" in i.value for i in at.info)
+    at.text_input(key="mod_text").input("now smaller")
+    at.button(key="search").click().run()
+    kw = next(c[1] for c in reversed(FakeClient.calls) if c[0] == "search")
+    assert kw["text"] == "now smaller" and kw["reference_id"] == "img-1"
+
+
+def test_fake_filter_error_clears_results_and_caption_is_words(fake_app: Any) -> None:
+    at = fake_app.run()
+    at.text_input(key="mod_text").input("any")
+    at.number_input(key="flt_size_min").set_value(3)
+    at.button(key="search").click().run()
+    assert at.session_state["results"]
+    assert any("filter: size ≥ 3" in c.value for c in at.caption), [c.value for c in at.caption]
+    assert not any("{" in c.value for c in at.caption)
+    at.number_input(key="flt_size_max").set_value(1)
+    at.button(key="search").click().run()
+    assert "minimum 3 is above the maximum 1" in _errors(at)
+    assert at.session_state["results"] == [] and not [b for b in at.button if b.key == "more"]
+
+
+def test_fake_long_text_flagged_at_the_box_and_heading_shortened(fake_app: Any) -> None:
+    at = fake_app.run()
+    long = "make it " + "much " * 40 + "redder"  # the fake server's limit is 100 characters
+    at.text_input(key="mod_text").input(long)
+    at.run()
+    assert at.text_input(key="mod_text").value == long  # not cut without a word
+    assert any(f"{len(long.strip())} characters; the server reads at most 100" in w.value
+               for w in at.warning)  # fmt: skip
+    at.button(key="search").click().run()
+    assert "at most 100" in _errors(at)
+    at.text_input(key="mod_text").input(long[:95])
+    at.button(key="search").click().run()
+    assert not at.error, _errors(at)
+    heading = next(h.value for h in at.subheader if h.value.startswith("Results for"))
+    assert heading.endswith("…”") and len(heading) < 100
+
+
+def test_fake_results_show_user_ids_and_mark_the_reference(fake_app: Any) -> None:
+    at = fake_app.run()
+    at.button(key="pick_img-0").click().run()
+    pick = at.button(key="pick_img-0")
+    assert pick.disabled and pick.label == "Picked"  # the picked gallery image stands out
+    assert any(c.value == "**✓ u0**" for c in at.caption)
+    at.text_input(key="mod_text").input("make it blue")
+    at.button(key="search").click().run()
+    assert not at.error, _errors(at)
+    captions = [c.value for c in at.caption]
+    assert {"u0", "u1", "u2"} <= set(captions)  # user ids, not point ids
+    marked = [m.value for m in at.markdown if "the reference" in m.value]
+    assert len(marked) == 1 and marked[0].startswith("**#1**")
 
 
 def test_fake_gateway_raises_only_ui_errors() -> None:

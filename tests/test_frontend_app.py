@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_server import Gallery, build_gallery, draw, free_port, start_server
+from helpers_server import COLORS, Gallery, build_gallery, draw, free_port, start_server
 from PIL import Image
 
 APP = Path(__file__).resolve().parents[1] / "frontend" / "app.py"
@@ -70,6 +70,10 @@ def png_of(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def uploader(at: Any) -> Any:
+    return at.file_uploader(key=f"upload_{at.session_state['upload_gen']}")
+
+
 def search(at: Any, text: str) -> Any:
     at.text_input(key="mod_text").input(text)
     at.button(key="search").click().run()
@@ -82,7 +86,7 @@ def test_upload_search_shows_results(app: Any) -> None:
     at = app.run()
     assert not at.exception and not at.error, errors(at)
     upload = png_of(draw("disc", (220, 40, 40), 40))
-    at.file_uploader(key="upload").set_value(("red-disc.png", upload, "image/png"))
+    uploader(at).set_value(("red-disc.png", upload, "image/png"))
     at.run()
     ref = at.session_state["ref"]
     assert ref.kind == "upload" and ref.data == upload and ref.label == "red-disc.png"
@@ -92,35 +96,46 @@ def test_upload_search_shows_results(app: Any) -> None:
     results = at.session_state["results"]
     assert len(results) == 12 and [h.rank for h in results] == list(range(1, 13))
     assert refine_keys(at) == [f"refine_{r}" for r in range(1, 13)]
-    assert all(h.id.startswith("img-") for h in results)
+    assert all(h.user_id.startswith("img-") and h.id != h.user_id for h in results)
+    # cards name images by their own ids, not by the uuid point ids
+    assert {h.user_id for h in results} <= {c.value for c in at.caption}
     assert any(f"#1** · score `{results[0].score:.4f}`" in m.value for m in at.markdown)
     assert len(at.image) >= 13  # the reference + one thumbnail per result (+ gallery)
     assert "thumbnail" not in results[0].payload and results[0].payload["shape"]
     assert [s.text for s in at.session_state["history"]] == ["make it blue"]
 
 
-def test_refine_makes_a_result_the_reference_and_searches(app: Any) -> None:
+def test_refine_makes_a_result_the_reference_then_the_next_text_searches(app: Any) -> None:
     at = app.run()
     search(at, "a larger one")
     first = list(at.session_state["results"])
-    chosen = first[1].id  # rank 2
+    chosen = first[1]  # rank 2
     at.button(key="refine_2").click().run()
     assert not at.exception and not at.error, errors(at)
     ref = at.session_state["ref"]
-    assert ref.kind == "gallery" and ref.gallery_id == chosen
+    assert ref.kind == "gallery" and ref.gallery_id == chosen.id
+    assert any(f"gallery image `{chosen.user_id}`" in m.value for m in at.markdown)
+    assert len(at.session_state["history"]) == 1  # it waits for the next change
+    search(at, "now a smaller one")
     history = at.session_state["history"]
-    assert len(history) == 2 and history[1].reference.gallery_id == chosen
-    assert history[1].text == "a larger one"
-    assert at.session_state["query"].reference.gallery_id == chosen
+    assert len(history) == 2 and history[1].reference.gallery_id == chosen.id
+    assert history[1].text == "now a smaller one"
+    assert at.session_state["query"].reference.gallery_id == chosen.id
     assert [h.id for h in at.session_state["results"]] != [h.id for h in first]
-    assert any(f"gallery image `{chosen}`" in m.value for m in at.markdown)
+    # the whole gallery: the reference itself comes back among the results, marked once
+    at.number_input(key="top_k").set_value(24)
+    search(at, "now a smaller one")
+    results = at.session_state["results"]
+    rank = next(h.rank for h in results if h.id == chosen.id)
+    marked = [m.value for m in at.markdown if "the reference" in m.value]
+    assert len(marked) == 1 and marked[0].startswith(f"**#{rank}**")
 
     # Revisit step 1: the text-only query comes back with its results
     at.button(key="revisit_0").click().run()
     assert not at.exception and not at.error, errors(at)
     assert at.session_state["ref"] is None and at.session_state["history_pos"] == 0
     assert [h.id for h in at.session_state["results"]] == [h.id for h in first]
-    assert len(at.session_state["history"]) == 2
+    assert len(at.session_state["history"]) == 3
 
 
 def test_more_results_pages_through(app: Any) -> None:
@@ -144,7 +159,12 @@ def test_gallery_pick_and_filters(app: Any, gallery: Gallery) -> None:
     picked = picks[0].removeprefix("pick_")
     assert at.session_state["ref"].gallery_id == picked and picked in gallery.ids
 
-    at.text_input(key="flt_color").input("blue")
+    # the picked image is highlighted in the gallery
+    assert at.button(key=picks[0]).disabled and at.button(key=picks[0]).label == "Picked"
+    # keyword filters offer the gallery's values
+    assert set(at.multiselect(key="flt_color").options) <= set(COLORS)
+    assert "blue" in at.multiselect(key="flt_color").options
+    at.multiselect(key="flt_color").set_value(["blue"])
     at.number_input(key="flt_size_min").set_value(30)
     search(at, "same shape")
     results = at.session_state["results"]
@@ -153,14 +173,46 @@ def test_gallery_pick_and_filters(app: Any, gallery: Gallery) -> None:
     )
     assert at.session_state["query"].filter == {"color": "blue", "size": {"gte": 30}}
 
-    # by id, including an unknown one
+    (caption,) = [c.value for c in at.caption if " shown · " in c.value]
+    assert "color is blue" in caption and "size ≥ 30" in caption and "{" not in caption
+
+    # by id: the image's own id and its point id both work; an unknown one says so
     at.text_input(key="ref_id_input").input("img-007")
     at.button(key="use_id").click().run()
     assert at.session_state["ref"].gallery_id == "img-007"
+    search(at, "make it red")
+    assert at.session_state["results"]
+    at.text_input(key="ref_id_input").input(gallery.ids[7])
+    at.button(key="use_id").click().run()
+    assert not at.error, errors(at)
+    assert at.session_state["ref"].gallery_id == gallery.ids[7]
     at.text_input(key="ref_id_input").input("no-such-id")
     at.button(key="use_id").click().run()
     assert not at.exception and "no gallery image with id `no-such-id`" in errors(at)
-    assert at.session_state["ref"].gallery_id == "img-007"
+    assert at.session_state["ref"].gallery_id == gallery.ids[7]
+
+
+def test_upload_limit_comes_from_the_server(app: Any, server: Any) -> None:
+    from frontend.cli import upload_limit_mb
+    from frontend.config import UISettings
+    from server.client import CIRClient
+
+    with CIRClient(server.target) as c:
+        lim = c.info().limits
+    at = app.run()
+    assert f"at most {lim.max_image_bytes // 2**20} MB" in uploader(at).label
+    assert f"{lim.max_image_pixels / 1e6:.0f} megapixels" in uploader(at).label
+    assert upload_limit_mb(UISettings(server=server.target)) == -(-lim.max_image_bytes // 2**20)
+    # an image over the server's pixel limit is refused on upload, with the reason
+    side = int(lim.max_image_pixels**0.5) + 10
+    buf = io.BytesIO()
+    Image.new("L", (side, side)).save(buf, format="PNG")
+    uploader(at).set_value(("huge.png", buf.getvalue(), "image/png"))
+    at.run()
+    assert f"`huge.png` was refused: The image is too large: the image is {side}x{side}" in errors(
+        at
+    )
+    assert at.session_state["ref"] is None
 
 
 def test_browse_pages(app: Any) -> None:

@@ -318,7 +318,10 @@ def test_a_user_id_clash_in_an_index_is_reported(tmp_path: Path, enc: Any) -> No
         idx.upsert(
             ["p-a", "p-b", "p-c"],
             enc.encode_targets(imgs),
-            [{"user_id": u, "thumbnail": t} for u, t in zip(["dup", "dup", "one"], thumbs)],
+            [
+                {"user_id": u, "thumbnail": t}
+                for u, t in zip(["dup", "dup", "one"], thumbs, strict=True)
+            ],
         )
     settings = load_settings(
         None, index=uri, name="g", model="tiny", port=0, metrics_port=0,
