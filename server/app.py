@@ -194,9 +194,9 @@ class CIRServer:
         """Listen at once (health NOT_SERVING), load, then SERVING. Raises StartupError."""
         s = self.settings
         # gRPC core cancels calls beyond a backlog of ~1000 not yet handed to the server
-        # (CANCELLED); with room for a few times the concurrency limit they reach the limit
-        # instead and are answered RESOURCE_EXHAUSTED
-        backlog = max(1000, 4 * s.maximum_concurrent_rpcs)
+        # (CANCELLED); with a backlog far above any burst they reach the concurrency limit
+        # instead and are answered RESOURCE_EXHAUSTED (a pending call holds little memory)
+        backlog = max(16_384, 8 * s.maximum_concurrent_rpcs)
         opts = [
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),

@@ -207,3 +207,49 @@ def test_child_exits_with_its_parent(tmp_path: Path) -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_every_path_to_a_dead_child_is_unavailable(tmp_path: Path) -> None:
+    """Reads of the version facts never reach the child; a replacement killed while it opens
+    the index is IndexUnavailableError (the server's UNAVAILABLE), never another error; the
+    next call after that starts one that serves."""
+    uri, ids, toks = _build(tmp_path)
+    with ProcessIndex(uri, "g", encoder_fingerprint="enc-A", read_only=True) as px:
+        version, fields = px.active_version, px.declared_fields()
+        os.kill(px.pid, signal.SIGKILL)
+        psutil.Process(px.pid).wait(10)
+        assert px.active_version == version and px.declared_fields() == fields  # no round trip
+        real_start = px._start
+        kills: list[int] = []
+
+        def start_and_kill_while_opening() -> None:
+            # the replacement dies while it opens the index (before its "opened" reply)
+            watcher = threading.Thread(target=_kill_new_child, args=(os.getpid(), kills))
+            watcher.start()
+            try:
+                real_start()
+            finally:
+                watcher.join()
+
+        px._start = start_and_kill_while_opening  # type: ignore[method-assign]
+        with pytest.raises(IndexUnavailableError, match="exited while opening"):
+            px.search(toks[3, 1], top_k=1)
+        assert kills, "the replacement was not killed while it started"
+        px._start = real_start  # type: ignore[method-assign]
+        assert px.search(toks[3, 1], top_k=1)[0].id == ids[3]  # the next call restarts it
+        assert px.active_version == version and px.count() == len(ids)
+
+
+def _kill_new_child(parent: int, kills: list[int]) -> None:
+    """SIGKILL the first search process that appears under ``parent`` (within 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for c in psutil.Process(parent).children():
+            try:
+                if "retrieval.index.process" in " ".join(c.cmdline()) and c.is_running():
+                    c.kill()
+                    kills.append(c.pid)
+                    return
+            except psutil.Error:
+                continue
+        time.sleep(0.001)
