@@ -48,7 +48,7 @@ TEXTS = ["make it red", "same but larger", "with a white circle", "darker and sm
 
 
 #: server stages reported per response (`Timings`), in request order
-STAGES = ("queue", "decode", "reference", "encode", "search")
+STAGES = ("queue", "decode", "reference", "encode", "search", "rerank")
 
 
 def pick_model(arg: str | None) -> tuple[str, str]:
@@ -250,6 +250,10 @@ def start_server(
         str(args.max_wait_ms if batching else 0),
         "--queue-size",
         "4096",
+        # a closed loop queues at most `concurrency` queries: admission control (which sheds
+        # load by estimated wait) would only turn a slow, busy machine's answers into errors
+        "--max-queue-ms",
+        "600000",
         "--refresh-interval-s",
         "0",
         "--log-format",
@@ -297,6 +301,7 @@ async def run_load(
     duration: float,
     warmup: float,
     top_k: int,
+    rerank_k: int | None = None,
 ) -> dict[str, Any]:
     import grpc
 
@@ -332,6 +337,8 @@ async def run_load(
                     top_k=top_k,
                     include_payload=False,
                 )
+                if rerank_k is not None:  # None: the server's default
+                    req.rerank_k = rerank_k
                 t0 = time.perf_counter()
                 try:
                     resp = await stub.Search(req, timeout=60)
@@ -345,7 +352,14 @@ async def run_load(
                     batch_sizes.append(resp.timings.batch_size)
                     tm = resp.timings
                     stages.append(
-                        (tm.queue_ms, tm.decode_ms, tm.reference_ms, tm.encode_ms, tm.search_ms)
+                        (
+                            tm.queue_ms,
+                            tm.decode_ms,
+                            tm.reference_ms,
+                            tm.encode_ms,
+                            tm.search_ms,
+                            tm.rerank_ms,
+                        )
                     )
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -409,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="servers search the index in their own process (cir serve --no-search-process)",
     )
+    p.add_argument(
+        "--rerank",
+        default="",
+        help="re-ranking rows: SearchRequest.rerank_k values, e.g. 0,50 (empty: the server's "
+        "default only)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -422,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = Encoder.from_pretrained(model)
     print(f"model: {model_note} ({encoder.fingerprint})", flush=True)
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    reranks: list[int | None] = [int(k) for k in args.rerank.split(",") if k] or [None]
     concs = [int(c) for c in args.concurrency.split(",") if c]
     args.work_dir.mkdir(parents=True, exist_ok=True)
     gallery = args.gallery
@@ -450,14 +471,22 @@ def main(argv: list[str] | None = None) -> int:
         for dtype, batching in [(d, b) for d in args.dtypes.split(",") for b in (True, False)]:
             proc, port = start_server(model, args.work_dir, name, batching, args, dtype)
             try:
-                for c in concs:
+                for rk, c in [(rk, c) for rk in reranks for c in concs]:
                     r = asyncio.run(
-                        run_load(port, queries, c, args.duration, args.warmup, args.top_k)
+                        run_load(port, queries, c, args.duration, args.warmup, args.top_k, rk)
                     )
-                    r.update(gallery=n, kind=gallery, batching=batching, concurrency=c, dtype=dtype)
+                    r.update(
+                        gallery=n,
+                        kind=gallery,
+                        batching=batching,
+                        concurrency=c,
+                        dtype=dtype,
+                        rerank_k=-1 if rk is None else rk,
+                    )
                     rows.append(r)
                     print(
-                        f"gallery={n:>7} {dtype} batching={'on ' if batching else 'off'} c={c:>3}  "
+                        f"gallery={n:>7} {dtype} batching={'on ' if batching else 'off'} "
+                        f"rerank={'default' if rk is None else rk} c={c:>3}  "
                         f"QPS={r['qps']:7.1f}  p50={r['p50_ms']:7.1f} ms  "
                         f"p99={r['p99_ms']:7.1f} ms  batch={r['mean_batch']:.1f}  "
                         f"errors={r['errors'] or 0}",
@@ -467,30 +496,39 @@ def main(argv: list[str] | None = None) -> int:
                 stop_server(proc)
     print()
     print(
-        "| gallery | dtype | batching | concurrency | QPS | p50 ms | p99 ms | mean batch | errors |"
+        "| gallery | dtype | batching | rerank_k | concurrency | QPS | p50 ms | p99 ms "
+        "| mean batch | errors |"
     )
-    print("|---:|:---:|:---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|:---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['gallery']:,} | {r['dtype']} | {'on' if r['batching'] else 'off'} | "
-            f"{r['concurrency']} | "
+            f"{'default' if r['rerank_k'] < 0 else r['rerank_k']} | {r['concurrency']} | "
             f"{r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | "
             f"{sum(r['errors'].values()) if r['errors'] else 0} |"
         )
     print()
     print("Mean ms per request of each server stage (`SearchResponse.timings`; a batch's")
     print("reference/encode/search time is each of its members' time):")
-    print("| gallery | dtype | batching | concurrency | " + " | ".join(STAGES) + " |")
-    print("|---:|:---:|:---:|---:|" + "---:|" * len(STAGES))
+    print("| gallery | dtype | batching | rerank_k | concurrency | " + " | ".join(STAGES) + " |")
+    print("|---:|:---:|:---:|---:|---:|" + "---:|" * len(STAGES))
     for r in rows:
         st = r["stage_ms"]
         print(
             f"| {r['gallery']:,} | {r['dtype']} | {'on' if r['batching'] else 'off'} | "
-            f"{r['concurrency']} | " + " | ".join(f"{st.get(k, 0.0):.1f}" for k in STAGES) + " |"
+            f"{'default' if r['rerank_k'] < 0 else r['rerank_k']} | {r['concurrency']} | "
+            + " | ".join(f"{st.get(k, 0.0):.1f}" for k in STAGES)
+            + " |"
         )
     for n in sizes:
         for dtype in args.dtypes.split(","):
-            sel = [r for r in rows if r["gallery"] == n and r["dtype"] == dtype]
+            sel = [
+                r
+                for r in rows
+                if r["gallery"] == n
+                and r["dtype"] == dtype
+                and r["rerank_k"] == rows[0]["rerank_k"]
+            ]
             on = {r["concurrency"]: r for r in sel if r["batching"]}
             off = {r["concurrency"]: r for r in sel if not r["batching"]}
             hi = max(concs)
@@ -498,6 +536,28 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"gallery {n:,} {dtype}: batching speed-up at concurrency {hi}: "
                     f"{on[hi]['qps'] / off[hi]['qps']:.2f}x"
+                )
+    rr = sorted({r["rerank_k"] for r in rows if r["rerank_k"] > 0})
+    if 0 in {r["rerank_k"] for r in rows}:
+        for n, dtype, batching, k in [
+            (n, d, b, k)
+            for n in sizes
+            for d in args.dtypes.split(",")
+            for b in (True, False)
+            for k in rr
+        ]:
+            cell = {
+                (r["rerank_k"], r["concurrency"]): r
+                for r in rows
+                if r["gallery"] == n and r["dtype"] == dtype and r["batching"] == batching
+            }
+            lo, hi = min(concs), max(concs)
+            if (0, lo) in cell and (k, lo) in cell and (0, hi) in cell and (k, hi) in cell:
+                print(
+                    f"gallery {n:,} {dtype} batching {'on' if batching else 'off'}: rerank_k={k} "
+                    f"adds {cell[(k, lo)]['p50_ms'] - cell[(0, lo)]['p50_ms']:.1f} ms p50 at "
+                    f"concurrency {lo}; QPS at {hi}: "
+                    f"{cell[(k, hi)]['qps'] / max(cell[(0, hi)]['qps'], 1e-9):.2f}x of no re-ranking"
                 )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,7 @@ By modification type (test):
 
 Reproduce: `cir data shapes --out data/shapes --seed {data["seed"]}` then
 `cir eval --model models/sprc-shapes --data data/shapes --split test` (the test suite does this).
-
+{render_reranker(card)}
 {card.get("notes", "")}
 
 ## Limits
@@ -131,6 +131,96 @@ Trained on 64 px synthetic 2D scenes only: it knows 4 shapes, 8 colours, 2 sizes
 the caption templates of `retrieval/data/shapes.py`; it is not a general-purpose CIR model (for
 that, convert the released BLIP-2 / SPRC weights: README).
 """
+
+
+def render_reranker(card: dict[str, Any]) -> str:
+    """The card's second-stage section (empty without a re-ranker)."""
+    rr = card.get("reranker")
+    if not rr:
+        return ""
+    rows = []
+    for split, res in rr["eval"].items():
+        k = res["rerank"]["k"]
+        rows.append(f"| {split} | first stage alone | {_pct(res['recall'])} |")
+        rows.append(f"| {split} | re-ranked top-{k} | {_pct(res['rerank']['recall'])} |")
+    types = []
+    test = rr["eval"]["test"]
+    for typ, res in test["by_type"].items():
+        after = test["rerank"]["by_type"][typ]["recall"]
+        types.append(
+            f"| {typ} | {res['n']} | {100 * res['recall']['1']:.1f} | {100 * after['1']:.1f} "
+            f"| {100 * after['5']:.1f} |"
+        )
+    tr, c = rr["training"], rr["training"]["config"]
+    return f"""
+## Second stage: the re-ranker (`reranker/`)
+
+A cross-attention re-ranker (`retrieval/rerank.py`, {rr["parameters"] / 1e6:.2f} M parameters,
+{rr["bytes"] / 1e6:.2f} MB) that scores reference, caption and each of the first stage's top-K
+candidates jointly, reading the candidate's `{c["features"]}`. Fingerprint `{rr["fingerprint"]}`;
+trained on this folder's first stage (`{rr["encoder"]}`), which it refuses to serve beside any other.
+`cir eval`, `cir serve` and `cir demo` use it by default (`--rerank 0` turns it off).
+
+```bash
+{chr(10).join(rr["commands"])}
+```
+
+- Training: {tr["steps"]} steps of {c["batch_size"]} triplets, each scored against its target,
+  {c["negatives"]} hard negatives sampled from its first-stage top-{c["mine_k"]} over the
+  {tr.get("train_images", "train")} train images and {c["in_batch"]} in-batch targets (softmax
+  cross-entropy); lr {c["lr"]}, seed {c["seed"]}; stopped: {tr["stopped"]};
+  {tr["seconds"] / 60:.1f} minutes of training (plus {tr.get("feature_seconds", 0) / 60:.1f} to
+  compute the frozen first stage's features and mine) on {rr["machine"]}.
+
+| split | ranking | R@1 | R@5 | R@10 | R@50 |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+R@1 by type (test), first stage -> re-ranked (and re-ranked R@5):
+
+| type | n | R@1 first | R@1 re-ranked | R@5 re-ranked |
+|---|---|---|---|---|
+{chr(10).join(types)}
+"""
+
+
+def add_reranker(
+    out: Path, run: Path, data: Path, commands: list[str], k: int = 50
+) -> dict[str, Any]:
+    """Put the re-ranker of training run ``run`` into model folder ``out`` (as ``reranker/``),
+    evaluate the first stage alone and re-ranked in one run, and add both to the card."""
+    from retrieval.rerank import RERANKER_DIR, Reranker
+
+    enc = Encoder.from_pretrained(out)
+    rr = Reranker.from_pretrained(run / "model")
+    rr.check_encoder(enc)
+    gallery = encode_gallery(enc, data, load_gallery(data))
+    evals = {}
+    for split in ("test", "test_unseen"):
+        if (data / f"{split}.jsonl").is_file() and (data / f"{split}.jsonl").stat().st_size:
+            res = evaluate(enc, data, split, gallery=gallery, reranker=rr, rerank_k=k)
+            print(format_table(res))
+            evals[split] = res
+    dest = out / RERANKER_DIR
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(run / "model", dest)
+    train_cfg = json.loads((run / "train_config.json").read_text())
+    summary = json.loads((run / "train_summary.json").read_text())
+    card = json.loads((out / CARD_JSON).read_text())
+    card["reranker"] = {
+        "fingerprint": Reranker.from_pretrained(dest).fingerprint,
+        "encoder": enc.fingerprint,
+        "parameters": sum(p.numel() for p in rr.model.parameters()),
+        "bytes": sum(f.stat().st_size for f in dest.iterdir()),
+        "commands": commands,
+        "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores, "
+        f"torch threads {train_cfg.get('num_threads') or 'default'}",
+        "training": {**summary, "config": train_cfg},
+        "eval": evals,
+    }
+    (out / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
+    (out / CARD_MD).write_text(render_markdown(card))
+    return card
 
 
 def build_card(
@@ -200,6 +290,19 @@ def main() -> None:
         "--commands-file", type=Path, help="the commands the make target ran, one per line"
     )
     ap.add_argument("--notes-file", type=Path, help="Markdown for the card: status, what was tried")
+    ap.add_argument(
+        "--reranker-run",
+        type=Path,
+        help="a `cir train-reranker` run: add its re-ranker to OUT and its metrics to the card",
+    )
+    ap.add_argument(
+        "--reranker-only",
+        action="store_true",
+        help="keep OUT's first stage and card; only add --reranker-run (no first-stage eval)",
+    )
+    ap.add_argument(
+        "--reranker-commands-file", type=Path, help="the re-ranker's commands, one per line"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     commands = args.commands_file.read_text().splitlines() if args.commands_file else []
@@ -210,9 +313,19 @@ def main() -> None:
         (args.out / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
         (args.out / CARD_MD).write_text(render_markdown(card))
         return
+    rr_commands = (
+        args.reranker_commands_file.read_text().splitlines() if args.reranker_commands_file else []
+    )
+    if args.reranker_only:
+        if args.reranker_run is None or args.data is None:
+            ap.error("--reranker-only needs --reranker-run and --data")
+        add_reranker(args.out, args.reranker_run, args.data, rr_commands)
+        return
     if args.run is None or args.data is None:
         ap.error("--run and --data are required (unless --rerender)")
     build_card(args.run, args.data, args.out, args.command, commands, notes)
+    if args.reranker_run is not None:
+        add_reranker(args.out, args.reranker_run, args.data, rr_commands)
 
 
 if __name__ == "__main__":

@@ -201,7 +201,11 @@ class RerankerModel(nn.Module):
         self.query_type = nn.Parameter(torch.zeros(2, w))  # 0: prompt row, 1: caption row
         # A candidate row x next to the reference's row r of the same slot / patch: W(x - r),
         # W(x * r) per candidate, W(r) once per query (x itself is their linear combination).
+        # Inputs are normalised first: target vectors are unit-norm (components ~ D^-0.5), so
+        # their differences and products would otherwise reach the model ~16x too small.
+        self.pair_norm = nn.LayerNorm(2 * config.pair_dim)
         self.pair_in = nn.Linear(2 * config.pair_dim, w)
+        self.ref_norm = nn.LayerNorm(config.pair_dim)
         self.ref_in = nn.Linear(config.pair_dim, w)
         self.pair_pos = nn.Parameter(torch.zeros(config.pair_rows, w))  # slot / patch index
         self.cls = nn.Parameter(torch.zeros(1, w))
@@ -257,7 +261,8 @@ class RerankerModel(nn.Module):
         b, k = candidates.shape[:2]
         r = feats.reference[:, None]  # [B, 1, T, F]
         pairs = torch.cat(torch.broadcast_tensors(candidates - r, candidates * r), dim=-1)
-        x = self.pair_in(pairs) + (self.ref_in(feats.reference) + self.pair_pos)[:, None]
+        ref = self.ref_in(self.ref_norm(feats.reference)) + self.pair_pos  # once per query
+        x = self.pair_in(self.pair_norm(pairs)) + ref[:, None]  # [B, K, T, W]
         x = torch.cat([self.cls.expand(b, k, 1, -1), x], dim=2)
         for blk, kv in zip(self.blocks, kvs, strict=True):
             x = blk(x, kv, bias)

@@ -207,7 +207,9 @@ class RerankTrainer:
         if len(triplets) < cfg.batch_size:
             raise ValueError(f"{len(triplets)} train triplets < batch size {cfg.batch_size}")
         self.triplets = triplets
+        t0 = time.perf_counter()
         self.feats = self._features()
+        self.feature_seconds = time.perf_counter() - t0
         rcfg = RerankerConfig.for_encoder(
             self.encoder,
             cfg.features,
@@ -440,6 +442,8 @@ class RerankTrainer:
             "seconds": round(time.perf_counter() - t0, 1),
             "model_dir": str(final),
             "train_triplets": len(self.triplets),
+            "train_images": len(self.feats.paths),
+            "feature_seconds": round(self.feature_seconds, 1),
             "features": cfg.features,
             "val": val,
         }

@@ -93,18 +93,21 @@ def test_server_cpu_benchmark_compares_batching_on_and_off(tmp_path: Path) -> No
     generate(cfg, world, overwrite=True)
     out = tmp_path / "cpu.json"
     args = ["--size", "300", "--duration", "1", "--concurrency", "4", "--work-dir", str(tmp_path)]
-    args += ["--data", str(world)]
-    res = _run("server_cpu.py", args, out, timeout=600)
+    # behaviour, not throughput: each mode is measured until 16 requests were answered, however
+    # busy the machine is (a fixed 1 s window can end before the first answer)
+    args += ["--data", str(world), "--min-requests", "16"]
+    res = _run("server_cpu.py", args, out, timeout=900)
     rows = json.loads(out.read_text())
     modes = [(r["search_process"], r["batching"]) for r in rows]
     assert modes == [(True, True), (True, False), (False, True), (False, False)]
     for r in rows:
+        assert r["requests"] >= 16, r
         assert r["qps"] > 0 and r["server_cpu_ms_per_query"] > 0 and r["server_cpu_pct"] > 0
         assert not r["errors"]
         # the search process exists (and its CPU counts as the server's) only when asked for
         assert r["child_processes"] == (1 if r["search_process"] else 0)
         # every request reports its server stages; a reference image is decoded and encoded
-        assert set(r["stage_ms"]) == {"queue", "decode", "reference", "encode", "search"}
+        assert set(r["stage_ms"]) == {"queue", "decode", "reference", "encode", "search", "rerank"}
         assert r["stage_ms"]["encode"] > 0 and r["stage_ms"]["search"] > 0
     assert rows[1]["mean_batch"] == rows[3]["mean_batch"] == 1.0  # batching off is batch 1
     assert "search process on: batching" in res.stdout and "x the QPS" in res.stdout
@@ -142,3 +145,31 @@ def test_search_batch_benchmark_compares_edge_and_ram(tmp_path: Path) -> None:
     assert all(r["recall@10"] >= 0.98 and r["ms_per_query"] > 0 for r in rows)
     assert rows[0]["ratio"] == 1.0
     assert "| ram | 4 |" in res.stdout
+
+
+def test_server_benchmark_rows_with_reranking_on_and_off(tmp_path: Path) -> None:
+    """`benchmarks/server.py --rerank 0,K` measures the same server with the second stage off
+    and on, in one run, and says what it adds (behaviour, not speed: a busy machine is fine)."""
+    from retrieval.encoder import Encoder
+    from retrieval.rerank import RERANKER_DIR, Reranker, RerankerConfig, RerankerModel
+
+    model = tmp_path / "tiny-model"
+    enc = Encoder.from_pretrained("tiny")
+    enc.save_pretrained(model)
+    enc = Encoder.from_pretrained(model)
+    cfg = RerankerConfig.for_encoder(enc, "targets", width=16, heads=2)
+    Reranker(RerankerModel(cfg)).save_pretrained(model / RERANKER_DIR)
+    out = tmp_path / "server.json"
+    args = ["--model", str(model), "--sizes", "200", "--concurrency", "1,2", "--duration", "1"]
+    args += ["--warmup", "0.5", "--gallery", "synthetic", "--rerank", "0,10"]
+    args += ["--dtypes", "float32", "--work-dir", str(tmp_path / "work")]
+    res = _run("server.py", args, out, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["batching"], r["rerank_k"], r["concurrency"]) for r in rows} == {
+        (b, k, c) for b in (True, False) for k in (0, 10) for c in (1, 2)
+    }
+    for r in rows:
+        assert not r["errors"], r
+        if r["requests"]:  # a 1 s window on a busy machine may end before an answer
+            assert (r["stage_ms"]["rerank"] > 0) == (r["rerank_k"] > 0), r
+    assert "rerank_k=10 adds" in res.stdout and "of no re-ranking" in res.stdout
