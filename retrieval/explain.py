@@ -15,9 +15,13 @@ ordered the results: MaxSim by default, or any :class:`PixelScorer` (e.g. a re-r
 Shapes (S image side, P = (S / patch)^2 patch tokens as a rows x cols grid, T = P + 1 ViT
 tokens with [CLS] first, C ViT width, L caption tokens incl. [CLS]/[SEP], Q target queries):
 
-* Grad-CAM (Selvaraju et al.) on the ViT's output tokens A [T, C] (after ln_vision, what the
-  Q-Former reads) with G = d score / d A [T, C]: channel weights w = mean over the P patch
-  tokens of G, map = ReLU(A[1:] @ w) [P] -> [rows, cols]. [CLS] has no place, so it is dropped.
+* Grad-CAM on the ViT's output tokens A [T, C] (after ln_vision, what the Q-Former reads) with
+  G = d score / d A [T, C], [CLS] dropped (it has no place). Default ``hirescam`` (Draelos &
+  Carin): each patch token's activations weighted by its own gradient, map = ReLU(sum_c A * G)
+  [P] -> [rows, cols]. ``gradcam`` (Selvaraju et al.) shares one channel weight vector, the
+  gradient averaged over the patches: ReLU(A @ mean_t G). ViT tokens are not a CNN's spatial
+  map with shared channel meanings: the shared weights often give an all-zero map (always with
+  random weights), and benchmarks/explain.py finds the per-token form as good or better.
 * The attention map needs no gradient: the target query q* = argmax_q <query, t_q> that wins
   MaxSim, and its cross-attention to the candidate's P patch tokens, averaged over heads and
   over the Q-Former's cross-attention layers (the [CLS] column dropped). It always explains
@@ -262,7 +266,7 @@ class Explainer:
     the encoder's dtype (gradients in that dtype)."""
 
     def __init__(
-        self, encoder: Any, scorer: PixelScorer | None = None, cam: str = "gradcam"
+        self, encoder: Any, scorer: PixelScorer | None = None, cam: str = "hirescam"
     ) -> None:
         if cam not in CAM_METHODS:
             raise ValueError(f"cam must be one of {CAM_METHODS}, got {cam!r}")
@@ -381,12 +385,13 @@ class Explainer:
             token_attr += (g * leaf[off : off + n].detach().float()).sum(-1)
 
         winners: list[int] = [-1] * n
+        att_taps, att_all, att_off = taps, cand_all, co
         if attention:
             if not own:  # explain the first-stage match with MaxSim's own pass
-                taps = _Taps(self.model, attention=True)
-                with torch.inference_mode(), taps.installed():
+                att_taps = _Taps(self.model, attention=True)
+                with torch.inference_mode(), att_taps.installed():
                     sims = self.maxsim.query_sims(ref_pixels, ids, mask, cand_pixels)
-                cand_all, co = taps.image_calls(cand_pixels)[-1]
+                att_all, att_off = att_taps.image_calls(cand_pixels)[-1]
             winners = [int(w) for w in sims.detach().argmax(dim=-1)]
         out = []
         for i in range(n):
@@ -405,7 +410,7 @@ class Explainer:
                     candidate_map=variants[f"candidate/{self.cam}"],
                     reference_map=variants[f"reference/{self.cam}"],
                     attention_map=(
-                        self._attention_map(taps, cand_all, co + i, winners[i])
+                        self._attention_map(att_taps, att_all, att_off + i, winners[i])
                         if attention
                         else None
                     ),

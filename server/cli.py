@@ -1,4 +1,5 @@
-"""``cir serve`` (the gRPC server) and ``cir search`` (a query from the shell)."""
+"""``cir serve`` (the gRPC server), ``cir search`` (a query from the shell) and ``cir explain``
+(why a result scored as it did)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ logger = logging.getLogger(__name__)
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
     app.command("search")(search_cmd)
+    app.command("explain")(explain_cmd)
 
 
 def serve_cmd(
@@ -243,3 +245,74 @@ def search_cmd(
         }
         summary = json.dumps(extra, default=str)[:80] if extra else ""
         typer.echo(f"{h.rank:>4}  {h.score:8.4f}  {h.user_id or h.id}  {summary}")
+
+
+def explain_cmd(
+    server: str = typer.Option("127.0.0.1:50051", "--server", help="host:port of `cir serve`."),
+    image: Path | None = typer.Option(None, "--image", help="Reference image file."),
+    id: str | None = typer.Option(None, "--id", help="Reference gallery id."),
+    text: str = typer.Option(..., "--text", help="Modification text."),
+    candidate: str = typer.Option(..., "--candidate", help="Gallery id of the result to explain."),
+    out: Path = typer.Option(
+        Path("."), "--out", help="Folder for candidate_map.png and reference_map.png."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="CIR_API_KEY", help="API key (or CIR_API_KEY)."
+    ),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", help="CA/certificate PEM to trust."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Deadline in seconds."),
+    as_json: bool = typer.Option(False, "--json", help="Print score, maps and words as JSON."),
+) -> None:
+    """Explain why a gallery item scored as it did: save the candidate and reference heatmap
+    overlays as PNGs and print each caption word's attribution."""
+    from server.client import CIRClient, CIRError
+
+    if (image is None) == (id is None):
+        typer.echo("cir explain: give exactly one of --image PATH or --id ID", err=True)
+        raise typer.Exit(2)
+    if image is not None and not image.is_file():
+        typer.echo(f"cir explain: {image} is not a file", err=True)
+        raise typer.Exit(2)
+    if out.exists() and not out.is_dir():
+        typer.echo(f"cir explain: --out {out} is not a folder", err=True)
+        raise typer.Exit(2)
+    try:
+        with CIRClient(server, api_key=api_key, tls_ca=tls_ca, timeout=timeout) as client:
+            res = client.explain(
+                text,
+                candidate,
+                reference_image=image.read_bytes() if image is not None else None,
+                reference_id=id,
+            )
+    except CIRError as exc:
+        typer.echo(f"cir explain: {exc.code.name}: {exc.details}", err=True)
+        raise typer.Exit(2 if exc.code.name == "INVALID_ARGUMENT" else 1) from None
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"candidate_map": out / "candidate_map.png", "reference_map": out / "reference_map.png"}
+    paths["candidate_map"].write_bytes(res.candidate_map.png)
+    paths["reference_map"].write_bytes(res.reference_map.png)
+    if as_json:
+        doc = {
+            "score": res.score,
+            "candidate_map": {
+                "rows": res.candidate_map.rows,
+                "cols": res.candidate_map.cols,
+                "values": res.candidate_map.values.reshape(-1).tolist(),
+                "png": str(paths["candidate_map"]),
+            },
+            "reference_map": {
+                "rows": res.reference_map.rows,
+                "cols": res.reference_map.cols,
+                "values": res.reference_map.values.reshape(-1).tolist(),
+                "png": str(paths["reference_map"]),
+            },
+            "words": [{"word": w.word, "score": w.score} for w in res.words],
+        }
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    typer.echo(f"score {res.score:.4f} for {candidate}")
+    typer.echo(f"candidate map: {paths['candidate_map']}")
+    typer.echo(f"reference map: {paths['reference_map']}")
+    for w in res.words:
+        typer.echo(f"{w.score:+10.5f}  {w.word}")

@@ -163,6 +163,32 @@ class ImagePage(NamedTuple):
     total: int  # gallery size
 
 
+@dataclass(frozen=True)
+class Heatmap:
+    """One value per ViT patch of the model's view of an image, plus its PNG overlay."""
+
+    rows: int
+    cols: int
+    values: np.ndarray  # [rows, cols] float32, row-major, >= 0, larger = more important
+    png: bytes  # the map over the model's view of the image
+
+
+@dataclass(frozen=True)
+class WordScore:
+    word: str  # a word of the cleaned (lower-cased) caption
+    score: float  # signed attribution: > 0 raised the score, < 0 lowered it
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What ``explain`` returns: why ``candidate_id`` scored ``score`` for the query."""
+
+    score: float
+    candidate_map: Heatmap  # Grad-CAM on the candidate's patches
+    reference_map: Heatmap  # Grad-CAM on the reference's patches
+    words: list[WordScore]  # the caption's words in order
+
+
 # ------------------------------------------------------------------------------ the client
 def _read_bytes(value: bytes | str | Path | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
@@ -459,6 +485,37 @@ class CIRClient:
         nxt = int(resp.next_offset) if resp.HasField("next_offset") else None
         return ImagePage(items, nxt, int(resp.total))
 
+    def explain(
+        self,
+        text: str,
+        candidate_id: str,
+        reference_image: bytes | str | Path | None = None,
+        reference_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Explanation:
+        """Why ``candidate_id`` scored as it did for (reference, ``text``): heatmaps on the
+        candidate and the reference, and a signed score per caption word. The reference is
+        required (``reference_image`` bytes or file path, or ``reference_id``)."""
+        if reference_image is None and reference_id is None:
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "explain needs a reference: give reference_image or reference_id",
+            )
+        req = pb.ExplainRequest(text=text, candidate_id=candidate_id)
+        self._fill_reference(req, reference_image, reference_id)
+        resp = self._call(self._stub.Explain, req, timeout)
+
+        def heatmap(h: Any) -> Heatmap:
+            values = np.asarray(h.values, dtype=np.float32).reshape(int(h.rows), int(h.cols))
+            return Heatmap(int(h.rows), int(h.cols), values, bytes(h.png))
+
+        return Explanation(
+            float(resp.score),
+            heatmap(resp.candidate_map),
+            heatmap(resp.reference_map),
+            [WordScore(w.word, float(w.score)) for w in resp.words],
+        )
+
     def info(self, timeout: float | None = None) -> ServerInfo:
         r = self._call(self._stub.Info, pb.InfoRequest(), timeout)
         m, i, lim = r.model, r.index, r.limits
@@ -557,6 +614,8 @@ __all__ = [
     "CIRClient",
     "CIRError",
     "DeadlineExceededError",
+    "Explanation",
+    "Heatmap",
     "Hit",
     "ImageItem",
     "ImagePage",
@@ -570,5 +629,6 @@ __all__ = [
     "ServerInfo",
     "ServerUnavailableError",
     "UnauthenticatedError",
+    "WordScore",
     "parse_filter",
 ]

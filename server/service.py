@@ -651,3 +651,104 @@ class SearchService(pb_grpc.SearchServiceServicer):
                 default_rerank_k=engine.default_rerank_k,
             ),
         )
+
+    # ------------------------------------------------------------------ Explain
+    #: the Explainer of the attached engine's encoder (built on the first Explain)
+    _explainer: Any = None
+    #: Explains admitted and not yet answered (bounded by settings.queue_size, as Search)
+    _explains_pending: int = 0
+
+    def _explain_image(self, item_id: str, where: str) -> Any:
+        """A gallery item's decoded image by id, through GetImage's path (the original file,
+        else the payload's thumbnail); errors name ``where``."""
+        from retrieval.imageio import ImageDecodeError, decode_image
+
+        engine = self._engine
+        if not item_id:
+            raise RequestError("INVALID_ARGUMENT", f"{where} is empty")
+        try:
+            payload = engine.record(item_id).payload or {}
+            data = engine.read_original(item_id, payload, missing_ok=True)
+            if data is None:
+                data = engine.read_thumbnail(payload)
+        except RequestError as exc:
+            raise RequestError(exc.code, f"{where}: {exc.message}") from None
+        if data is None:
+            raise RequestError(
+                "NOT_FOUND",
+                f"{where}: gallery id {item_id!r} has no readable image (original file missing "
+                "and no thumbnail in its payload)",
+            )
+        try:
+            return decode_image(data, max_pixels=self.settings.max_image_pixels)
+        except ImageDecodeError as exc:
+            raise RequestError(
+                "FAILED_PRECONDITION",
+                f"{where}: gallery image {item_id!r} cannot be decoded: {exc}",
+            ) from None
+
+    def _explain_sync(self, reference: Any, text: str, candidate: Any) -> Any:
+        """The explanation as an ExplainResponse (inference thread)."""
+        from retrieval.explain import Explainer
+
+        engine = self._engine
+        if self._explainer is None or self._explainer.encoder is not engine.encoder:
+            # MaxSim, as Search ranks; a re-ranker plugs in as Explainer(..., scorer=...)
+            self._explainer = Explainer(engine.encoder)
+        ex = self._explainer
+        e = ex.explain(reference, text, candidate, attention=False)
+
+        def heatmap(image: Any, values: Any) -> Any:
+            return pb.Heatmap(
+                rows=int(values.shape[0]),
+                cols=int(values.shape[1]),
+                values=[float(v) for v in values.reshape(-1)],
+                png=ex.overlay_png(image, values),
+            )
+
+        return pb.ExplainResponse(
+            score=e.score,
+            candidate_map=heatmap(candidate, e.candidate_map),
+            reference_map=heatmap(reference, e.reference_map),
+            words=[pb.WordScore(word=w.word, score=w.score) for w in e.words],
+        )
+
+    @_rpc("Explain")
+    async def Explain(self, request: pb.ExplainRequest, context: Any, rid: str) -> Any:
+        deadline = self._deadline(context)
+        text = self._check_text(request.text)
+        which = request.WhichOneof("reference")
+        if which is None:
+            raise RequestError(
+                "INVALID_ARGUMENT", "reference is required: set reference_image or reference_id"
+            )
+        if not request.candidate_id:
+            raise RequestError("INVALID_ARGUMENT", "candidate_id is empty")
+        engine = self._engine
+        if which == "reference_image":
+            reference = await self._io(engine.decode_reference, bytes(request.reference_image))
+        else:
+            reference = await self._io(self._explain_image, request.reference_id, "reference_id")
+        candidate = await self._io(self._explain_image, request.candidate_id, "candidate_id")
+        if self._explains_pending >= self.settings.queue_size:
+            raise RequestError(
+                "RESOURCE_EXHAUSTED",
+                f"{self._explains_pending} explanations are queued (the limit is "
+                f"{self.settings.queue_size}); retry later",
+                retry_after_ms=100,
+            )
+        self._explains_pending += 1
+        try:
+            future = asyncio.get_running_loop().run_in_executor(
+                self.infer_pool, self._explain_sync, reference, text, candidate
+            )
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    return await future
+            except TimeoutError:
+                future.cancel()  # not started yet: it never runs
+                raise RequestError(
+                    "DEADLINE_EXCEEDED", "deadline passed before the explanation was ready"
+                ) from None
+        finally:
+            self._explains_pending -= 1

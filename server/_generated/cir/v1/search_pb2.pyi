@@ -296,3 +296,47 @@ class ListImagesResponse(_message.Message):
     total: int
     index_version: str
     def __init__(self, items: _Optional[_Iterable[_Union[ImageSummary, _Mapping]]] = ..., next_offset: _Optional[int] = ..., total: _Optional[int] = ..., index_version: _Optional[str] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("reference_image", "reference_id", "text", "candidate_id")
+    REFERENCE_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    reference_image: bytes
+    reference_id: str
+    text: str
+    candidate_id: str
+    def __init__(self, reference_image: _Optional[bytes] = ..., reference_id: _Optional[str] = ..., text: _Optional[str] = ..., candidate_id: _Optional[str] = ...) -> None: ...
+
+class Heatmap(_message.Message):
+    __slots__ = ("rows", "cols", "values", "png")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    png: bytes
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., png: _Optional[bytes] = ...) -> None: ...
+
+class WordScore(_message.Message):
+    __slots__ = ("word", "score")
+    WORD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    word: str
+    score: float
+    def __init__(self, word: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("score", "candidate_map", "reference_map", "words")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_MAP_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_MAP_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    score: float
+    candidate_map: Heatmap
+    reference_map: Heatmap
+    words: _containers.RepeatedCompositeFieldContainer[WordScore]
+    def __init__(self, score: _Optional[float] = ..., candidate_map: _Optional[_Union[Heatmap, _Mapping]] = ..., reference_map: _Optional[_Union[Heatmap, _Mapping]] = ..., words: _Optional[_Iterable[_Union[WordScore, _Mapping]]] = ...) -> None: ...

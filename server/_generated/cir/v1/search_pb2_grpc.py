@@ -64,6 +64,11 @@ class SearchServiceStub:
                 request_serializer=cir_dot_v1_dot_search__pb2.ListImagesRequest.SerializeToString,
                 response_deserializer=cir_dot_v1_dot_search__pb2.ListImagesResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/cir.v1.SearchService/Explain',
+                request_serializer=cir_dot_v1_dot_search__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=cir_dot_v1_dot_search__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -116,6 +121,16 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Why a gallery item scored as it did for a query: heatmaps on the candidate and the
+        reference and a signed attribution per caption word (retrieval/explain.py). The same
+        limits, deadline, authentication and status codes as Search; NOT_FOUND for an unknown
+        candidate_id or reference_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +163,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.ListImages,
                     request_deserializer=cir_dot_v1_dot_search__pb2.ListImagesRequest.FromString,
                     response_serializer=cir_dot_v1_dot_search__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=cir_dot_v1_dot_search__pb2.ExplainRequest.FromString,
+                    response_serializer=cir_dot_v1_dot_search__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +332,33 @@ class SearchService:
             '/cir.v1.SearchService/ListImages',
             cir_dot_v1_dot_search__pb2.ListImagesRequest.SerializeToString,
             cir_dot_v1_dot_search__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cir.v1.SearchService/Explain',
+            cir_dot_v1_dot_search__pb2.ExplainRequest.SerializeToString,
+            cir_dot_v1_dot_search__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
