@@ -841,6 +841,10 @@ def _run_pipeline(
     from torch.utils.data import DataLoader
 
     t_pipe = time.perf_counter()
+    from retrieval.rerank import stores_patches
+
+    # the model folder's re-ranker reads candidates' ViT tokens: store them with each point
+    store_patches = stores_patches(cfg.model, enc.fingerprint)
     dataset = ImageDataset(items, enc.preprocessor, present, thumbnails=cfg.thumbnails)
     workers = max(0, int(cfg.workers))
     loader: Any = DataLoader(
@@ -911,7 +915,7 @@ def _run_pipeline(
             if new:
                 t0 = time.perf_counter()
                 px = batch.pixels if len(rows) == batch.pixels.shape[0] else batch.pixels[rows]
-                tokens, ok = _encode(enc, px, new, report)
+                tokens, ok = _encode(enc, px, new, report, patches=store_patches)
                 encode_s += time.perf_counter() - t0
                 good = [d for d, k in zip(new, ok, strict=True) if k]
                 if good:
@@ -949,17 +953,29 @@ def _run_pipeline(
 
 
 def _encode(
-    enc: Encoder, pixels: Any, new: list[Any], report: Report
+    enc: Encoder, pixels: Any, new: list[Any], report: Report, patches: bool = False
 ) -> tuple[np.ndarray, list[bool]]:
-    """Encode a batch; if the batch fails, retry per image so one bad tensor skips one image."""
+    """Encode a batch; if the batch fails, retry per image so one bad tensor skips one image.
+    ``patches``: also store each image's ViT tokens in its payload (a "patches" re-ranker
+    reads them of every candidate; computed in the same ViT pass)."""
+    from retrieval.rerank import PATCHES_KEY, encode_patches
+
+    def run(px: Any, items: list[Any]) -> np.ndarray:
+        if not patches:
+            return enc.encode_target_pixels(px)
+        tokens, vit = enc.encode_target_pixels_and_patches(px)
+        for d, t in zip(items, vit, strict=True):
+            d.payload[PATCHES_KEY] = encode_patches(t)
+        return tokens
+
     try:
-        tokens = enc.encode_target_pixels(pixels)
+        tokens = run(pixels, new)
     except Exception as exc:
         logger.warning("batch encode failed (%s); retrying one by one", exc)
         parts = []
         for i in range(len(new)):
             try:
-                parts.append(enc.encode_target_pixels(pixels[i : i + 1])[0])
+                parts.append(run(pixels[i : i + 1], new[i : i + 1])[0])
             except Exception as exc1:
                 parts.append(np.full((enc.num_queries, enc.dim), np.nan, np.float32))
                 new[i].detail = f"{type(exc1).__name__}: {exc1}"

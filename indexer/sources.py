@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.imageio import IMAGE_EXTENSIONS as _READABLE
-from retrieval.index.api import USER_ID_KEY
+from retrieval.index.api import PATCHES_KEY, USER_ID_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,18 @@ FIELD_TYPES = ("keyword", "integer", "float", "bool")
 #: Payload keys written by the indexer; manifest columns may not use them (``user_id`` only as
 #: the ``--id-column`` itself).
 RESERVED_KEYS = frozenset(
-    {"path", "relpath", "sha256", "width", "height", "bytes", "mime", "thumbnail", USER_ID_KEY}
+    {
+        "path",
+        "relpath",
+        "sha256",
+        "width",
+        "height",
+        "bytes",
+        "mime",
+        "thumbnail",
+        USER_ID_KEY,
+        PATCHES_KEY,
+    }
 )
 #: The manifest column taken as the user's id when ``--id-column`` is not given (if present).
 DEFAULT_ID_COLUMN = "id"

@@ -269,6 +269,15 @@ class Encoder:
             )
             return self._np(feats)
 
+    def encode_target_pixels_and_patches(
+        self, pixel_values: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One ViT pass: target features [N, Q, D] and the ViT tokens [N, T, C] (float32) that a
+        "patches" re-ranker reads of a candidate."""
+        with self._infer():
+            img = self.model.image_features(self._pixels(pixel_values))
+            return self._np(self.model.target_features(img)), self._np(img)
+
     def encode_targets(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Gallery images -> [N, Q, D] float32, each of the Q rows L2-normalised."""
         if not images:

@@ -27,6 +27,7 @@ feature width, H Q-Former width, W re-ranker width):
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -35,18 +36,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from retrieval.encoder import Encoder, state_dict_digest
+from retrieval.index.api import PATCHES_KEY
 
 logger = logging.getLogger(__name__)
 
 RERANKER_DIR = "reranker"  # sub-folder of an encoder folder that holds its re-ranker
 FEATURE_SOURCES = ("targets", "patches")
 DEFAULT_RERANK_K = 50  # candidates re-ranked per query when a re-ranker is loaded
+
+
+def encode_patches(tokens: np.ndarray) -> str:
+    """[T, C] float -> the payload text (float16, base64)."""
+    return base64.b64encode(np.ascontiguousarray(tokens, dtype=np.float16).tobytes()).decode()
+
+
+def decode_patches(text: str, rows: int, dim: int) -> np.ndarray:
+    """The payload text -> [T, C] float32; ValueError when it is not T x C float16."""
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != rows * dim * 2:
+        raise ValueError(f"{PATCHES_KEY} holds {len(raw)} bytes, expected {rows}x{dim} float16")
+    return np.frombuffer(raw, dtype=np.float16).reshape(rows, dim).astype(np.float32)
+
+
+def stores_patches(model_folder: str | Path, encoder_fingerprint: str) -> bool:
+    """True when the folder's re-ranker reads candidates' ViT tokens (the "patches" source) and
+    was trained on this encoder: the index must then store them with every point."""
+    folder = find_reranker(model_folder) if Path(model_folder).is_dir() else None
+    if folder is None:
+        return False
+    cfg = json.loads((folder / "config.json").read_text())
+    return cfg.get("features") == "patches" and cfg.get("encoder") == encoder_fingerprint
 
 
 @dataclass

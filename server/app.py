@@ -288,8 +288,13 @@ class CIRServer:
                     f"{encoder.fingerprint}); pass --force to serve anyway"
                 )
         reranker = load_reranker(self.settings, encoder, model_folder=self._encoder is None)
+        engine = Engine(self.settings, encoder, index, reranker)
+        try:
+            engine.check_reranker_features()
+        except RuntimeError as exc:
+            raise StartupError(f"refusing to start: {exc}") from exc
         logger.info("model and index ready in %.1fs", time.perf_counter() - t0)
-        return Engine(self.settings, encoder, index, reranker)
+        return engine
 
     async def _refresh_loop(self) -> None:
         """Poll the index pointer; switch to a newly activated version without a restart."""

@@ -151,8 +151,11 @@ def sniff_mime(data: bytes) -> str:
 
 
 def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
-    """A payload as clients see it (thumbnails are served by GetImage only)."""
-    return {k: v for k, v in payload.items() if k not in THUMBNAIL_KEYS}
+    """A payload as clients see it (thumbnails are served by GetImage only; the re-ranker's
+    stored ViT tokens are internal)."""
+    from retrieval.index.api import PATCHES_KEY
+
+    return {k: v for k, v in payload.items() if k not in THUMBNAIL_KEYS and k != PATCHES_KEY}
 
 
 def user_id_of(payload: dict[str, Any] | None) -> str:
@@ -553,9 +556,7 @@ class Engine:
         windows = {i: results[i][: queries[i].rerank_k] for i in todo}  # type: ignore[index]
         ids = sorted({h.id for i in todo for h in windows[i]})
         try:
-            tokens = {
-                r.id: r.tokens for r in self.index.get(ids, with_vectors=True, with_payload=False)
-            }
+            tokens = self.candidate_features(ids)
         except (IndexUnavailableError, IndexNotFoundError) as exc:
             for i in todo:
                 results[i] = RequestError("UNAVAILABLE", f"index unavailable: {exc}")
@@ -566,20 +567,33 @@ class Engine:
                 results[i] = RequestError("INTERNAL", f"index error: {exc}")
             return (time.perf_counter() - t0) * 1000.0
         k = max(len(w) for w in windows.values())
-        q, d = self.encoder.num_queries, self.encoder.dim
-        cand = torch.zeros((len(todo), k, q, d))
+        cfg = self.reranker.config
+        cand = torch.zeros((len(todo), k, cfg.pair_rows, cfg.pair_dim))
         first = torch.zeros((len(todo), k))
+        missing: set[int] = set()  # queries with a candidate whose features are gone
         for row, i in enumerate(todo):
             for col, h in enumerate(windows[i]):
                 t = tokens.get(h.id)
-                if t is not None:  # a point deleted since the search keeps a zero row
-                    cand[row, col] = torch.from_numpy(np.asarray(t, dtype=np.float32))
+                if t is None:  # deleted since the search, or a version built without them
+                    missing.add(i)
+                else:
+                    cand[row, col] = torch.from_numpy(t)
                 first[row, col] = float(h.score)
+        if missing:
+            logger.warning(
+                "%d queries keep the first stage's order: candidates without re-ranker "
+                "features (was the active version built with this model folder?)",
+                len(missing),
+            )
         from retrieval.rerank import QueryFeatures
 
         feats = QueryFeatures.cat([queries[i].rerank_feats for i in todo])
         scores = self.reranker.score(feats, cand, first)  # [B, k]
         for row, i in enumerate(todo):
+            if i in missing:
+                qr = queries[i]
+                results[i] = results[i][qr.offset : qr.offset + qr.top_k]  # type: ignore[index]
+                continue
             qr, window = queries[i], windows[i]
             n = len(window)
             order = sorted(range(n), key=lambda c: -float(scores[row, c]))
@@ -599,6 +613,39 @@ class Engine:
             ]
             results[i] = (ranked + tail)[qr.offset : qr.offset + qr.top_k]
         return (time.perf_counter() - t0) * 1000.0
+
+    def candidate_features(self, ids: list[str]) -> dict[str, np.ndarray]:
+        """What the re-ranker reads of each candidate, in one index call: the stored target
+        vectors [Q, D] ("targets") or the ViT tokens [T, C] stored in the payload ("patches")."""
+        from retrieval.index.api import PATCHES_KEY
+        from retrieval.rerank import decode_patches
+
+        assert self.reranker is not None
+        cfg = self.reranker.config
+        if cfg.features == "targets":
+            recs = self.index.get(ids, with_vectors=True, with_payload=False)
+            return {r.id: np.asarray(r.tokens, np.float32) for r in recs if r.tokens is not None}
+        out: dict[str, np.ndarray] = {}
+        for r in self.index.get(ids, with_vectors=False, with_payload=[PATCHES_KEY]):
+            text = r.payload.get(PATCHES_KEY)
+            if isinstance(text, str):
+                try:
+                    out[r.id] = decode_patches(text, cfg.pair_rows, cfg.pair_dim)
+                except ValueError as exc:
+                    logger.warning("point %s: unusable re-ranker features: %s", r.id, exc)
+        return out
+
+    def check_reranker_features(self) -> None:
+        """At start-up: the active version holds what the re-ranker reads (RuntimeError)."""
+        if self.reranker is None or self.reranker.config.features == "targets":
+            return
+        recs = self.index.sample(1, with_payload=False) if self.index.count() else []
+        if recs and not self.candidate_features([recs[0].id]):
+            raise RuntimeError(
+                "the re-ranker reads each candidate's ViT tokens, and the active index version "
+                "has none: rebuild it with this model folder (cir index build --model ...), or "
+                "serve with --rerank 0"
+            )
 
     # ------------------------------------------------------------------ browsing (io pool)
     def _browse_ids(self) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from server.app import BackgroundServer, StartupError
@@ -151,3 +152,98 @@ def test_no_reranker_and_wrong_encoder(world: dict[str, Any], tmp_path: Path) ->
             encoder=world["enc"],
             **shared,
         ).start()
+
+
+def test_patches_reranker_reads_the_indexed_vit_tokens(tmp_path: Path) -> None:
+    """A "patches" re-ranker in a model folder: `cir index build` stores every image's ViT tokens
+    with its point (the same values the encoder computes), the server serving that folder finds
+    the re-ranker by itself and re-ranks with them exactly as offline, clients never see them;
+    an index built without them is refused at start-up."""
+    from PIL import Image
+
+    from indexer.pipeline import BuildConfig, build
+    from retrieval.encoder import Encoder
+    from retrieval.index import open_index
+    from retrieval.index.api import PATCHES_KEY
+    from retrieval.rerank import (
+        RERANKER_DIR,
+        Reranker,
+        RerankerConfig,
+        RerankerModel,
+        candidate_patches,
+        decode_patches,
+        query_features,
+    )
+    from server.testing import render_images
+
+    torch.set_num_threads(1)
+    folder = tmp_path / "model"
+    Encoder.from_pretrained("tiny").save_pretrained(folder)
+    enc = Encoder.from_pretrained(folder)
+    cfg = RerankerConfig.for_encoder(enc, "patches", width=16, heads=2)
+    model = RerankerModel(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+        model.alpha.fill_(1.0)
+    Reranker(model).save_pretrained(folder / RERANKER_DIR, weights_dtype=torch.float32)
+    rr = Reranker.from_pretrained(folder / RERANKER_DIR)
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, im in enumerate(render_images(16, seed=4)):
+        im.save(images / f"img-{i:02d}.png")
+    uri = f"edge:{tmp_path / 'index'}"
+    build(BuildConfig(source=images, index=uri, model=str(folder), workers=0))
+    plain_uri = f"edge:{tmp_path / 'plain'}"
+    build(BuildConfig(source=images, index=plain_uri, model=str(folder), workers=0), encoder=enc)
+
+    with open_index(uri, "gallery", read_only=True) as idx:
+        recs = idx.get([r.id for r in idx.sample(16, seed=0)], with_payload=True)
+        by_path = {Path(r.payload["path"]).name: r for r in recs}
+    im0 = Image.open(images / "img-05.png").convert("RGB")
+    want = candidate_patches(enc, enc.preprocess([im0]))[0].numpy()
+    got = decode_patches(by_path["img-05.png"].payload[PATCHES_KEY], cfg.pair_rows, cfg.pair_dim)
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=1e-2)  # stored as float16
+
+    bg = BackgroundServer(_settings(uri, model=str(folder)))
+    bg.start()
+    try:
+        with CIRClient(bg.target, timeout=30) as c:
+            assert c.info().reranker.features == "patches"
+            ref_id = by_path["img-05.png"].id
+            first = c.search(TEXT, reference_id=ref_id, top_k=6, rerank_k=0)
+            res = c.search(TEXT, reference_id=ref_id, top_k=6, rerank_k=6)
+            assert all(PATCHES_KEY not in h.payload for h in res.results + first.results)
+            assert sorted(h.id for h in res.results) == sorted(h.id for h in first.results)
+            qf = query_features(enc, enc.reference_features([im0]), [TEXT], "patches")
+            cand = torch.stack(
+                [
+                    torch.from_numpy(
+                        decode_patches(
+                            next(r for r in recs if r.id == h.id).payload[PATCHES_KEY],
+                            cfg.pair_rows,
+                            cfg.pair_dim,
+                        )
+                    )
+                    for h in first.results
+                ]
+            )[None]
+            scores = rr.score(qf, cand, torch.tensor([[h.score for h in first.results]]))[0]
+            order = [first.results[i].id for i in scores.argsort(descending=True).tolist()]
+            assert [h.id for h in res.results] == order
+            assert all(h.reranked for h in res.results)
+    finally:
+        bg.stop()
+
+    with open_index(plain_uri, "gallery", read_only=True) as idx:  # built by an injected encoder
+        assert all(PATCHES_KEY in r.payload for r in idx.sample(3, seed=0))
+    with pytest.raises(StartupError, match="ViT tokens"):
+        # the same folder's re-ranker over an index whose points lack them
+        bare = tmp_path / "bare"
+        build(
+            BuildConfig(source=images, index=f"edge:{bare}", model="tiny", allow_untrained=True),
+            encoder=enc,
+        )
+        BackgroundServer(_settings(f"edge:{bare}", model=str(folder))).start()

@@ -35,6 +35,12 @@ ID_KEY = "_id"
 #: relative path, written by the indexer). Every version gets a keyword payload index on it,
 #: so :meth:`IndexView.find_by_user_id` is an index lookup, not a scan.
 USER_ID_KEY = "user_id"
+#: Payload key of a point's ViT tokens for a "patches" re-ranker (retrieval.rerank): base64
+#: float16 [T, C], written by the indexer, never returned to clients.
+PATCHES_KEY = "rerank_patches"
+#: What a search returns of a hit's payload: everything but these heavy keys (the thumbnail is
+#: served by GetImage, the re-ranker fetches the patches of its window with ``get``).
+SEARCH_PAYLOAD: dict[str, list[str]] = {"exclude": ["thumbnail", PATCHES_KEY]}
 
 #: What payload to return from ``scroll``/``get``/``sample``: ``True`` (all), ``False`` (none),
 #: a list of keys to include (``["path", "category"]``), or ``{"exclude": ["thumbnail"]}`` (all

@@ -22,6 +22,7 @@ import numpy as np
 from retrieval.index import common
 from retrieval.index.api import (
     ID_KEY,
+    SEARCH_PAYLOAD,
     USER_ID_KEY,
     FieldType,
     Filter,
@@ -357,7 +358,7 @@ class _Shard:
                         query=q.Query.Nearest(vec, using="tokens"),
                         filter=flt,
                         params=params,
-                        with_payload=True,
+                        with_payload=edge_payload(SEARCH_PAYLOAD),
                         with_vector=False,
                     )
                 )
@@ -376,7 +377,7 @@ class _Shard:
                         query=q.Query.Nearest(vec, using="tokens"),
                         filter=flt,
                         params=params,
-                        with_payload=True,
+                        with_payload=edge_payload(SEARCH_PAYLOAD),
                         with_vector=False,
                     )
                 )

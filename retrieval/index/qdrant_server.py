@@ -29,6 +29,7 @@ import numpy as np
 from retrieval.index import common
 from retrieval.index.api import (
     ID_KEY,
+    SEARCH_PAYLOAD,
     USER_ID_KEY,
     FieldType,
     Filter,
@@ -236,7 +237,7 @@ class _Target:
                     params=params,
                     limit=top_k,
                     offset=offset,
-                    with_payload=True,
+                    with_payload=client_payload(SEARCH_PAYLOAD),
                     with_vector=False,
                 )
             )
@@ -253,7 +254,7 @@ class _Target:
                 search_params=r.params,
                 limit=r.limit,
                 offset=r.offset,
-                with_payload=True,
+                with_payload=client_payload(SEARCH_PAYLOAD),
                 with_vectors=False,
             )
             results = [resp]
