@@ -200,6 +200,10 @@ def build_key(cfg: BuildConfig, col: Collection, fingerprint: str, fields: dict[
     }
     if col.id_source != ID_FROM_PATH:  # other ids make another build
         ident["id_source"] = col.id_source
+    from retrieval.rerank import stores_patches
+
+    if stores_patches(cfg.model, fingerprint):  # points carry the re-ranker's ViT tokens
+        ident["rerank_patches"] = "float16"
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
