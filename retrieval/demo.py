@@ -38,6 +38,7 @@ DEMO_MODEL = "models/sprc-shapes"
 DEMO_DATA = "data/shapes"
 DEMO_INDEX = "edge:data/index"
 DEMO_NAME = "gallery"
+STARTUP_TIMEOUT_S = 600.0  # longest wait for the server / the UI to answer
 DEMO_FIELDS = ("n_objects:integer", "source:keyword")
 
 
@@ -158,9 +159,12 @@ def write_manifest(data: Path, out: Path) -> Path:
 DEMO_ID_COLUMN = "gallery_id"
 
 
-def index_is_current(index: str, name: str, fingerprint: str, expected: int) -> bool:
+def index_is_current(
+    index: str, name: str, fingerprint: str, expected: int, patches: bool = False
+) -> bool:
     """An active version built by this encoder with every gallery image in it, known by the
-    gallery ids (an index built before user ids existed is rebuilt)."""
+    gallery ids (an index built before user ids existed is rebuilt), with the re-ranker's ViT
+    tokens when ``patches`` (an index built before the model had its re-ranker is rebuilt)."""
     from retrieval.index import GalleryIndexError, IndexInUseError, open_index
 
     try:
@@ -173,11 +177,17 @@ def index_is_current(index: str, name: str, fingerprint: str, expected: int) -> 
     try:
         meta = idx.meta
         ids = meta.extra.get("user_ids") if meta is not None else None
-        return (
+        current = (
             idx.active_version is not None
             and idx.count() == expected
             and ids == f"column:{DEMO_ID_COLUMN}"
         )
+        if current and patches:  # the model's re-ranker reads ViT tokens stored per point
+            from retrieval.index.api import PATCHES_KEY
+
+            sample = idx.sample(1, with_payload=[PATCHES_KEY])
+            current = bool(sample) and PATCHES_KEY in sample[0].payload
+        return current
     finally:
         idx.close()
 
@@ -187,8 +197,11 @@ def ensure_index(cfg: DemoConfig) -> None:
     from retrieval.encoder import Encoder
 
     expected = len(load_gallery(cfg.data))
+    from retrieval.rerank import stores_patches
+
     fingerprint = Encoder.from_pretrained(cfg.model).fingerprint  # loaded once, for the guard
-    if index_is_current(cfg.index, cfg.name, fingerprint, expected):
+    patches = stores_patches(cfg.model, fingerprint)
+    if index_is_current(cfg.index, cfg.name, fingerprint, expected, patches):
         typer.echo(f"[demo] reusing index {cfg.index} ({cfg.name}): {expected} images")
         return
     manifest = write_manifest(cfg.data, cfg.data / "demo_manifest.jsonl")
@@ -210,7 +223,7 @@ def ensure_index(cfg: DemoConfig) -> None:
         args += ["--field", f]
     report = cfg.data / "demo_index_report.json"
     run_child(_cir(*args, "--report", str(report)))
-    if not index_is_current(cfg.index, cfg.name, fingerprint, expected):
+    if not index_is_current(cfg.index, cfg.name, fingerprint, expected, patches):
         raise RuntimeError(
             f"indexing did not produce an active index of {expected} images: see {report}"
         )
@@ -310,7 +323,8 @@ def run_demo(cfg: DemoConfig) -> None:
             )
         )
         procs.append(server)
-        wait_grpc(target, 120, server)
+        # generous: a busy machine can take minutes to load; a child that dies ends the wait
+        wait_grpc(target, STARTUP_TIMEOUT_S, server)
         typer.echo(
             f"[demo] gRPC server   {target}   (try: cir search --server {target} --id ... --text ...)"
         )
@@ -319,7 +333,7 @@ def run_demo(cfg: DemoConfig) -> None:
                 _cir("ui", "--server", target, "--host", cfg.host, "--port", str(cfg.ui_port))
             )
             procs.append(ui)
-            wait_http(f"http://{cfg.host}:{cfg.ui_port}/", 120, ui)
+            wait_http(f"http://{cfg.host}:{cfg.ui_port}/", STARTUP_TIMEOUT_S, ui)
             typer.echo(f"[demo] search UI     http://{cfg.host}:{cfg.ui_port}/")
         typer.echo("[demo] running; press Ctrl-C to stop")
         while not signals.stopping and all(p.poll() is None for p in procs):
