@@ -26,6 +26,7 @@ from typing import Any
 import streamlit as st
 
 from frontend.config import UISettings
+from frontend.explain_view import render_why
 from frontend.gateway import (
     Gateway,
     HitView,
@@ -699,6 +700,7 @@ def render_results(gw: Gateway, info: InfoView | None) -> None:
                     args=(hit.id, hit.user_id),
                     help="Make this image the reference, then type the next change",
                 )
+                render_why(gw, query, hit)
                 with st.expander("Details"):
                     st.caption(f"point id `{hit.id}`")
                     st.json(payload_for_display(hit.payload), expanded=True)
