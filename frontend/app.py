@@ -335,8 +335,8 @@ def on_use_id(gw: Gateway) -> None:
 
 
 def on_clear_reference() -> None:
-    st.session_state[K_REF] = None
-    st.session_state[K_HINT] = None
+    ss = st.session_state
+    ss[K_REF] = ss[K_HINT] = ss[K_ERROR] = None
     _reset_uploader()
 
 
@@ -546,7 +546,7 @@ def render_pickers(gw: Gateway, settings: UISettings, info: InfoView | None) -> 
         )
         if uploaded is not None and uploaded.file_id != ss[K_UPLOAD_SEEN]:
             ss[K_UPLOAD_SEEN] = uploaded.file_id
-            ss[K_HINT] = None
+            ss[K_HINT] = ss[K_ERROR] = None  # a new file answers the last complaint
             data = uploaded.getvalue()
             try:
                 check_upload(data, limit, pixels)
