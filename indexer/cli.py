@@ -123,6 +123,13 @@ def register(app: typer.Typer) -> None:
             help="real query vectors [M, D] (.npy) to calibrate on instead of proxy queries "
             "(which can be pessimistic); read before anything is encoded",
         ),
+        calibration_captions: Path | None = typer.Option(
+            None,
+            "--calibration-captions",
+            help="captions (one per line) for the composed calibration queries: gallery images "
+            "as references + these texts, encoded by the model (default: the model's training "
+            "captions when its folder names them, else built-in generic edits)",
+        ),
         limit: int | None = typer.Option(None, "--limit", min=0, help="first N items only"),
         fresh: bool = typer.Option(False, "--fresh", help="never resume an unfinished version"),
         build_id: str | None = typer.Option(
@@ -178,6 +185,9 @@ def register(app: typer.Typer) -> None:
                 verify_sample=verify_sample,
                 calibrate=calibrate,
                 calibrate_queries=None if calibrate_queries is None else str(calibrate_queries),
+                calibration_captions=(
+                    None if calibration_captions is None else str(calibration_captions)
+                ),
                 limit=limit,
                 fresh=fresh,
                 build_id=build_id,
@@ -228,6 +238,7 @@ def register(app: typer.Typer) -> None:
                 v = f"unknown ({data.get('in_use') or 'not recorded'})"
             typer.echo(f"{k}: {v}")
         typer.echo(f"shape: {data.get('shape')}  fields: {data.get('fields')}")
+        typer.echo(f"fast calibration: {_calibration_line(data.get('fast_calibration'))}")
         typer.echo(f"versions: {', '.join(v['version'] for v in data['versions'])}")
 
     @grp.command("versions")
@@ -411,6 +422,22 @@ def _version_count(index: str, name: str, version: str) -> int | None:
         idx.close()
 
 
+def _calibration_line(cal: dict[str, Any] | None) -> str:
+    """The active version's fast calibration in words (L, its queries, the held-out recall)."""
+    if not cal:
+        return "none (fast uses the fixed table; the server's recall guard still watches it)"
+    k, target = cal.get("top_k", 10), cal.get("recall_target")
+    src = f"{cal.get('source', 'proxy')} queries"
+    if cal.get("captions"):
+        src += f", captions: {cal['captions']}"
+    if cal.get("L") is None:
+        why = cal.get("reason") or "no L met the target"
+        return f"no L for recall@{k} >= {target} ({why}; {src}): fast searches exactly"
+    held = cal.get("heldout_recall")
+    held_s = f", held-out recall@{k} {held:.3f} on {cal.get('heldout_queries')}" if held else ""
+    return f"L = {cal['L']} for recall@{k} >= {target} ({src}{held_s})"
+
+
 def _info(index: str, name: str) -> dict[str, Any]:
     """``info --json``: count, active version, encoder fingerprint, preset, shape, fields,
     versions. A server owning the active Edge shard: ``count`` is what the version's build
@@ -418,6 +445,7 @@ def _info(index: str, name: str) -> dict[str, Any]:
     An index that does not exist: IndexerError."""
     from indexer.pipeline import COUNT_KEY, IndexerError
     from retrieval.index import IndexInUseError, open_index
+    from retrieval.index.common import CALIBRATION_KEY
 
     idx = open_index(index, name)
     try:
@@ -471,6 +499,7 @@ def _info(index: str, name: str) -> dict[str, Any]:
             "shape": list(meta.shape) if meta else None,
             "fields": dict(meta.fields) if meta else {},
             "in_use": owner,
+            "fast_calibration": (meta.extra.get(CALIBRATION_KEY) if meta else None),
             "versions": versions,
         }
     finally:

@@ -43,6 +43,7 @@ from indexer.sources import (
 )
 from indexer.store import open_version, resume_candidates, sample_ids, scroll, verify_view
 from retrieval.index.api import USER_ID_KEY
+from retrieval.index.common import CALIBRATION_KEY
 from retrieval.model_source import DEFAULT_MODEL, check_trained
 
 if TYPE_CHECKING:
@@ -99,7 +100,11 @@ class BuildConfig:
     calibrate: bool = True  # measure this version's fast-mode L (retrieval.index.calibrate)
     calibrate_min_points: int = 5000  # smaller galleries search `exact` anyway: skip
     calibrate_queries: str | None = None  # .npy of real query vectors [M, D] to calibrate on
-    # (e.g. a query log saved from EncodeQuery); None: proxy queries, which can be pessimistic
+    # (e.g. a query log saved from EncodeQuery, the server's traffic reservoir); None: composed
+    # queries the model makes here (gallery references + captions)
+    calibration_captions: str | None = None  # one caption per line (else the model's training
+    # captions when its folder names them, else CALIBRATION_TEXTS)
+    calibration_queries: int = 400  # composed queries (half fit L, half held out)
     limit: int | None = None  # only the first N items (after sharding); for trials
     fresh: bool = False  # never resume: always start a new version
     build_id: str | None = None  # resume key override (several machines with different mounts)
@@ -235,17 +240,24 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     )
 
 
-def load_encoder(cfg: BuildConfig) -> Encoder:
-    from retrieval import Encoder
+def load_encoder_check(cfg: BuildConfig) -> None:
+    """IndexerError when ``cfg.model`` is a random-weight preset and that is not allowed."""
     from retrieval.model_source import UntrainedModelError
 
     try:
-        check_trained(cfg.model, cfg.allow_untrained, "cir index build")  # before loading it
+        check_trained(cfg.model, cfg.allow_untrained, "cir index build")
+    except UntrainedModelError as exc:
+        raise IndexerError(str(exc)) from exc
+
+
+def load_encoder(cfg: BuildConfig) -> Encoder:
+    from retrieval import Encoder
+
+    load_encoder_check(cfg)  # before loading it
+    try:
         return Encoder.from_pretrained(
             cfg.model, device=cfg.device, dtype=cfg.dtype, num_threads=cfg.num_threads
         )
-    except UntrainedModelError as exc:
-        raise IndexerError(str(exc)) from exc
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise IndexerError(f"cannot load model {cfg.model!r}: {exc}") from exc
 
@@ -337,8 +349,11 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
         mode="incremental" if cfg.incremental else "rebuild",
     )
 
+    if encoder is None:  # a refused model fails before the source is read
+        load_encoder_check(cfg)
     # read the calibration queries first: a bad file fails before hours of encoding
     calib_q = None if cfg.calibrate_queries is None else load_query_vectors(cfg.calibrate_queries)
+    captions = None if cfg.calibration_captions is None else read_captions(cfg.calibration_captions)
 
     # ---- reader
     t0 = time.perf_counter()
@@ -559,7 +574,16 @@ def build(cfg: BuildConfig, encoder: Encoder | None = None) -> Report:
             stages["verify"] = time.perf_counter() - t0
             if cfg.calibrate and whole and report.count >= cfg.calibrate_min_points:
                 t0 = time.perf_counter()
-                report.calibration = calibrate_version(idx, version, query_vectors=calib_q)
+                qv, source = calib_q, "queries"
+                info: dict[str, Any] = {}
+                if qv is None:  # the model's own composed queries on this gallery
+                    qv, info = composed_queries(enc, items, cfg, captions)
+                    source = "composed"
+                report.calibration = calibrate_version(
+                    idx, version, query_vectors=qv, source=source if qv is not None else None
+                )
+                report.calibration.update(info)
+                idx.update_version_meta(version, {CALIBRATION_KEY: report.calibration})
                 stages["calibrate"] = time.perf_counter() - t0
             if shard_n > 1:
                 if cfg.activate:
@@ -1034,24 +1058,160 @@ def load_query_vectors(path: str | Path) -> np.ndarray:
     return qv
 
 
+#: Generic modification texts for composed calibration queries when neither an operator file
+#: nor the model's training captions are at hand: edits of colour, size, position, count and
+#: style, the kinds of change composed queries ask for.
+CALIBRATION_TEXTS: tuple[str, ...] = (
+    "make it red",
+    "change the colour to blue",
+    "the same but green",
+    "make it yellow",
+    "in black instead",
+    "in white",
+    "make it purple",
+    "turn it orange",
+    "make it bigger",
+    "make it smaller",
+    "the same but larger",
+    "a smaller version",
+    "move it to the left",
+    "move it to the right",
+    "put it at the top",
+    "put it at the bottom",
+    "move it to the middle",
+    "add another one next to it",
+    "add a small object on the left",
+    "add a big object on the right",
+    "remove the object in the middle",
+    "remove one of them",
+    "only keep the largest one",
+    "two of them instead of one",
+    "make it darker",
+    "make it lighter",
+    "brighter colours",
+    "with a different shape",
+    "make it round",
+    "make it square",
+    "the same with stripes",
+    "without the pattern",
+    "the same but plain",
+    "swap the colours",
+    "rotate it",
+    "upside down",
+    "closer to the camera",
+    "further away",
+    "on a plain background",
+    "the same thing in a different colour",
+)
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """Calibration captions, one per line (blank lines skipped), or IndexerError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IndexerError(f"cannot read calibration captions {path}: {exc}") from exc
+    caps = [line.strip() for line in text.splitlines() if line.strip()]
+    if not caps:
+        raise IndexerError(f"calibration captions {path} holds no caption (one per line)")
+    return caps
+
+
+def training_captions(model: str | Path, limit: int = 20_000) -> tuple[list[str], str] | None:
+    """The captions of the triplets the model was trained on, when its folder names them
+    (``card.json``: ``training.config.data``, a folder with ``train.jsonl``); None when the
+    folder names none or the data is not on this machine (not an error)."""
+    from retrieval.model_source import resolve_model
+
+    folder = Path(resolve_model(model))
+    try:
+        card = json.loads((folder / "card.json").read_text())
+        data = card["training"]["config"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(data, str) or not data:
+        return None
+    # relative to here, else to the folder holding `models/` (the repository's root)
+    rel = Path(data)
+    bases = [Path("/")] if rel.is_absolute() else [Path.cwd(), folder.parent.parent, folder.parent]
+    train = next(
+        (b / rel / "train.jsonl" for b in bases if (b / rel / "train.jsonl").is_file()), None
+    )
+    if train is None:
+        logger.info("the model's training data %s is not here: generic calibration texts", data)
+        return None
+    caps: list[str] = []
+    with open(train, encoding="utf-8") as f:
+        for line in f:
+            try:
+                cap = json.loads(line).get("caption")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(cap, str) and cap.strip():
+                caps.append(cap.strip())
+            if len(caps) >= limit:
+                break
+    return (caps, f"training triplets {train}") if caps else None
+
+
+def composed_queries(
+    enc: Any, items: list[Any], cfg: BuildConfig, captions: list[str] | None, seed: int = 0
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Composed queries the model makes for calibration: ``cfg.calibration_queries`` gallery
+    images drawn reproducibly as references, each with a caption drawn from ``captions`` (an
+    operator file), else the model's training captions, else :data:`CALIBRATION_TEXTS`;
+    encoded with the build's encoder. ``(None, info)`` when no reference could be read."""
+    from retrieval.imageio import ImageDecodeError, decode_image
+
+    if captions is not None:
+        what = f"file {cfg.calibration_captions}"
+    else:
+        found = training_captions(cfg.model)
+        captions, what = found if found else (list(CALIBRATION_TEXTS), "built-in texts")
+    rng = np.random.default_rng(seed)
+    want = max(1, int(cfg.calibration_queries))
+    refs: list[Any] = []
+    for i in rng.permutation(len(items))[: 3 * want]:  # a few unreadable files are skipped
+        item = items[int(i)]
+        if item.problem:
+            continue
+        try:
+            with open(item.location, "rb") as f:
+                refs.append(decode_image(f.read()))
+        except (OSError, ImageDecodeError):
+            continue
+        if len(refs) >= want:
+            break
+    info = {"captions": what, "references": len(refs)}
+    if not refs:
+        return None, info
+    texts = [captions[int(j)] for j in rng.integers(0, len(captions), len(refs))]
+    t0 = time.perf_counter()
+    qv = enc.encode_queries(refs, texts, batch_size=max(1, cfg.batch_size))
+    info["encode_seconds"] = round(time.perf_counter() - t0, 2)
+    logger.info("calibration: %d composed queries (captions: %s)", len(refs), what)
+    return np.asarray(qv, np.float32), info
+
+
 def calibrate_version(
     idx: Any,
     version: str,
     recall_target: float = 0.99,
     query_vectors: np.ndarray | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """Measure ``version``'s fast-mode L (on ``query_vectors`` [M, D] when given, else on
-    proxy queries) and record it in its metadata (see retrieval.index.calibrate); later
-    searches of that version use it."""
+    """Measure ``version``'s fast-mode L (on ``query_vectors`` [M, D] when given, named by
+    ``source``: "composed" or "queries"; else on proxy queries, the last resort) and record it
+    in its metadata (see retrieval.index.calibrate); later searches of that version use it."""
     from retrieval.index.calibrate import calibrate_fast
-    from retrieval.index.common import CALIBRATION_KEY
 
+    kw: dict[str, Any] = {"query_vectors": query_vectors, "source": source}
     if version == idx.active_version:
-        res = calibrate_fast(idx, recall_target, query_vectors=query_vectors)
+        res = calibrate_fast(idx, recall_target, **kw)
     else:
         view = open_version(idx, version)
         try:
-            res = calibrate_fast(view, recall_target, query_vectors=query_vectors)
+            res = calibrate_fast(view, recall_target, **kw)
         finally:
             view.close()
     idx.update_version_meta(version, {CALIBRATION_KEY: res})

@@ -148,6 +148,10 @@ def _calibration_summary(cal: dict[str, Any] | None) -> str:
     if not cal:
         return "-"
     curve = cal.get("curve", {})
-    at = curve.get(str(cal.get("L")))
-    got = f" (recall@{cal.get('top_k')} {at:.3f})" if at is not None else ""
-    return f"{cal.get('L')} for >= {cal.get('recall_target')}{got}"
+    at = cal.get("heldout_recall")  # on the queries L was not chosen with
+    at = at if at is not None else curve.get(str(cal.get("L")))
+    got = f" (held-out recall@{cal.get('top_k')} {at:.3f})" if at is not None else ""
+    src = f"; {cal.get('source', 'proxy')} queries"
+    if cal.get("L") is None:
+        return f"none for >= {cal.get('recall_target')}: fast searches exactly{src}"
+    return f"{cal.get('L')} for >= {cal.get('recall_target')}{got}{src}"

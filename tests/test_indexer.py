@@ -472,9 +472,9 @@ def test_build_calibrates_on_real_query_vectors(tmp_path: Path, enc: Any) -> Non
         assert idx.meta.extra[CALIBRATION_KEY]["source"] == "queries"
     finally:
         idx.close()
-    # Without the file: proxy queries.
+    # Without the file: the model's own composed queries (issue 22; proxies are a last resort).
     rep = build(cfg(src, tmp_path / "ix2", calibrate_min_points=0), encoder=enc)
-    assert rep.calibration is not None and rep.calibration["source"] == "proxy"
+    assert rep.calibration is not None and rep.calibration["source"] == "composed"
 
     from typer import Typer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from collections.abc import Mapping, Sequence
@@ -365,6 +366,67 @@ def auto_mode(
     limit_l = fast_plan(top_k, offset, options, n, calibration)[0]
     share = float(options.get("auto_fast_max_share", AUTO_FAST_MAX_SHARE))
     return "fast" if limit_l < share * n else "exact"
+
+
+def uncalibrated_reason(
+    options: Mapping[str, Any], calibration: Mapping[str, Any] | None
+) -> str | None:
+    """Why ``fast`` cannot keep its recall promise on a version, or None when it can: the
+    version's own calibration found no L reaching the target (``fast_recall``, default 0.99)
+    for a target at least as high as the one asked for. The caller's ``fast_min_candidates`` /
+    ``fast_ignore_calibration`` overrides take the responsibility (None)."""
+    cal = _own_calibration(options, calibration)
+    target = float(options.get("fast_recall", DEFAULT_FAST_RECALL))
+    if not cal or cal.get("L") or target < float(cal.get("recall_target", 1.0)):
+        return None
+    why = cal.get("reason") or "its calibration found none"
+    return (
+        f"no prefetch size L meets recall@{cal.get('top_k', 10)} >= {target:g} on this version "
+        f"({why}; calibrated on {cal.get('source', 'proxy')} queries): searched exactly"
+    )
+
+
+def resolve_mode(
+    mode: str,
+    top_k: int,
+    offset: int,
+    n: int,
+    options: Mapping[str, Any],
+    calibration: Mapping[str, Any] | None = None,
+) -> tuple[str, str]:
+    """The mode a search really runs (``"exact"`` or ``"fast"``) and why it differs from the
+    one asked for when that matters ("" otherwise).
+
+    ``fast`` promises its recall target: on a version whose calibration found no L meeting it,
+    an explicit ``fast`` runs exactly (as ``auto`` does), and the reason says so. ``fast`` with
+    L >= the gallery is exact too (the candidate list would hold every point).
+    """
+    if mode == "exact":
+        return "exact", ""
+    why = uncalibrated_reason(options, calibration)
+    if mode == "auto":
+        got = auto_mode(top_k, offset, n, options, calibration)
+        from retrieval.index.api import AUTO_FAST_MIN_POINTS
+
+        big = n >= int(options.get("auto_fast_min_points", AUTO_FAST_MIN_POINTS))
+        return got, (why or "") if got == "exact" and big else ""
+    if why is not None:
+        return "exact", why
+    limit_l = fast_plan(top_k, offset, options, n, calibration)[0]
+    if limit_l >= n:
+        return "exact", f"L = {limit_l} >= the {n} points: fast is exact here"
+    return "fast", ""
+
+
+_NOTED: set[tuple[str, str]] = set()
+
+
+def note_exact_fallback(what: str, reason: str) -> None:
+    """Log (WARNING, once per ``what`` and reason) that a ``fast`` search ran exactly."""
+    key = (what, reason)
+    if key not in _NOTED:
+        _NOTED.add(key)
+        logging.getLogger("retrieval.index").warning("%s: fast search: %s", what, reason)
 
 
 def fast_candidates(top_k: int, offset: int, options: Mapping[str, Any]) -> int:

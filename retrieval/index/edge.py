@@ -337,13 +337,15 @@ class _Shard:
         n = self.count()
         flt = edge_filter(conds)
         cal = self.meta.extra.get(common.CALIBRATION_KEY)
-        if mode == "auto":
-            mode = common.auto_mode(top_k, offset, n, self.options, cal)
+        asked = mode
+        # auto -> exact/fast; fast -> exact when this version has no L meeting the target, or
+        # when the candidate list would hold every point anyway
+        mode, why = common.resolve_mode(mode, top_k, offset, n, self.options, cal)
+        if why and asked == "fast" and common.uncalibrated_reason(self.options, cal):
+            common.note_exact_fallback(f"index {self.catalog.name!r} {self.version}", why)
         limit_l, ef, exact_pre = common.fast_plan(top_k, offset, self.options, n, cal)
         # exact prefetch: scan every `pooled` vector instead of walking the HNSW graph
         pre_params = q.SearchParams(hnsw_ef=ef, exact=exact_pre)
-        if mode == "fast" and limit_l >= n:
-            mode = "exact"  # the candidate list would hold every point anyway
         oversampling = common.oversampling_for(top_k, offset, self.options)
         params = q.SearchParams(
             quantization=q.QuantizationSearchParams(rescore=True, oversampling=oversampling)
@@ -741,6 +743,23 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
             raise GalleryIndexError(f"index {self.name!r} was opened read-only")
         if not isinstance(extra, Mapping):
             raise GalleryIndexError(f"extra must be a dict, got {type(extra).__name__}")
+        return self._merge_extra(version, extra)
+
+    def set_fast_calibration(
+        self, version: str, calibration: Mapping[str, Any] | None
+    ) -> VersionMeta:
+        """Record ``version``'s fast-mode calibration (``extra["fast_calibration"]``; None
+        removes it). Allowed on a read-only index too (a server's recall guard raising L): it
+        changes how the version is searched, not its data. This object's open shard uses it at
+        once; other processes on their next ``refresh()``."""
+        if calibration is not None and not isinstance(calibration, Mapping):
+            raise GalleryIndexError(
+                f"calibration must be a dict or None, got {type(calibration).__name__}"
+            )
+        value = None if calibration is None else dict(calibration)
+        return self._merge_extra(version, {common.CALIBRATION_KEY: value})
+
+    def _merge_extra(self, version: str, extra: Mapping[str, Any]) -> VersionMeta:
         new = self.catalog.update_extra(version, extra)
         for h in list(self._handles):
             if h.version == version:
@@ -850,6 +869,8 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
         ptr = self.catalog.read_pointer()
         cur = self._shard
         if ptr.active is None or (cur is not None and cur.version == ptr.active):
+            if cur is not None and not cur.closed:
+                self._reload_calibration(cur)
             return False
         if cur is None and not self.read_only:
             return False  # nothing opened yet: the next call opens the active version
@@ -869,6 +890,24 @@ class EdgeGalleryIndex(_EdgeOps, GalleryIndex):
             "index %r: switched %s -> %s", self.name, old.version if old else None, new.version
         )
         return True
+
+    def _reload_calibration(self, sh: _Shard) -> None:
+        """Pick up a calibration another process recorded for the served version (``cir index
+        calibrate``, another server's recall guard): searches read ``sh.meta``."""
+        try:
+            meta, _ = self.catalog.read_meta(sh.version)
+        except (IndexNotFoundError, OSError, ValueError):
+            return
+        key = common.CALIBRATION_KEY
+        if meta.extra.get(key) != sh.meta.extra.get(key):
+            logger.info(
+                "index %r %s: fast calibration changed on disk (L %s -> %s)",
+                self.name,
+                sh.version,
+                (sh.meta.extra.get(key) or {}).get("L"),
+                (meta.extra.get(key) or {}).get("L"),
+            )
+            sh.meta = meta
 
     # schema / info ---------------------------------------------------------------------------
     def declared_fields(self) -> dict[str, FieldType]:

@@ -62,6 +62,7 @@ _ALLOWED = frozenset(
         "meta",
         "backend",
         "versions",
+        "set_fast_calibration",
     }
 )
 
@@ -371,7 +372,20 @@ class ProcessIndex:
         changed = bool(self._call("call", "refresh"))
         if changed:
             self._set_facts({"active_version": self._call("attr", "active_version")})
+        elif "meta" in self._facts:  # the child may have re-read a changed calibration
+            facts = self._facts
+            meta = self._call("attr", "meta")
+            if meta != facts.get("meta"):
+                facts["meta"] = meta
         return changed
+
+    def set_fast_calibration(self, version: str, calibration: Any) -> VersionMeta:
+        """Forwarded (see ``EdgeGalleryIndex.set_fast_calibration``); the kept meta follows."""
+        meta: VersionMeta = self._call("call", "set_fast_calibration", version, calibration)
+        facts = self._facts
+        if facts.get("active_version") == version:
+            facts["meta"] = meta
+        return meta
 
     @property
     def active_version(self) -> str | None:

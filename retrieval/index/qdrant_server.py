@@ -206,11 +206,12 @@ class _Target:
         n = self.count()
         flt = client_filter(conds)
         cal = self.meta.extra.get(common.CALIBRATION_KEY)
-        if mode == "auto":
-            mode = common.auto_mode(top_k, offset, n, opts, cal)
+        asked = mode
+        # fast runs exactly on a version with no L meeting the target (see resolve_mode)
+        mode, why = common.resolve_mode(mode, top_k, offset, n, opts, cal)
+        if why and asked == "fast" and common.uncalibrated_reason(opts, cal):
+            common.note_exact_fallback(f"collection {self.collection!r}", why)
         limit_l, ef, exact_pre = common.fast_plan(top_k, offset, opts, n, cal)
-        if mode == "fast" and limit_l >= n:
-            mode = "exact"
         params = m.SearchParams(
             quantization=m.QuantizationSearchParams(
                 rescore=True, oversampling=common.oversampling_for(top_k, offset, opts)
@@ -825,6 +826,22 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
             raise GalleryIndexError(f"index {self.name!r} was opened read-only")
         if not isinstance(extra, Mapping):
             raise GalleryIndexError(f"extra must be a dict, got {type(extra).__name__}")
+        return self._merge_extra(version, extra)
+
+    def set_fast_calibration(
+        self, version: str, calibration: Mapping[str, Any] | None
+    ) -> VersionMeta:
+        """Record ``version``'s fast-mode calibration (``extra["fast_calibration"]``; None
+        removes it). Allowed on a read-only index too (a server's recall guard raising L): it
+        changes how the version is searched, not its data; this object uses it at once."""
+        if calibration is not None and not isinstance(calibration, Mapping):
+            raise GalleryIndexError(
+                f"calibration must be a dict or None, got {type(calibration).__name__}"
+            )
+        value = None if calibration is None else dict(calibration)
+        return self._merge_extra(version, {common.CALIBRATION_KEY: value})
+
+    def _merge_extra(self, version: str, extra: Mapping[str, Any]) -> VersionMeta:
         with self._mutex:
             meta = self._read_meta(version)
             merged = dict(meta.extra)
@@ -940,6 +957,12 @@ class QdrantGalleryIndex(_ClientOps, GalleryIndex):
         active = self._alias_target()
         t = self._t
         if active is None or (t is not None and t.version == active):
+            if t is not None:  # a calibration recorded by another process (cir index calibrate)
+                meta = self._read_meta(t.version)
+                if meta.extra.get(common.CALIBRATION_KEY) != t.meta.extra.get(
+                    common.CALIBRATION_KEY
+                ):
+                    t.meta = meta
             return False
         new = self._open_target(active)  # ModelMismatchError keeps the old one serving
         with self._mutex:
