@@ -73,6 +73,7 @@ K_REF = "ref"  # Reference | None: the current reference
 K_TEXT = "mod_text"  # the modification text widget
 K_TOPK = "top_k"
 K_MODE = "mode"
+K_RERANK = "rerank"
 K_QUERY = "query"  # Query | None: what the shown results answer
 K_RESULTS = "results"  # list[HitView]: every page loaded so far
 K_META = "search_meta"  # dict: index version, timings of the last page
@@ -175,6 +176,7 @@ def init_state() -> None:
         K_GAL_SEED: random.randrange(1_000_000),
         K_GAL_OFFSET: 0,
         K_REF_ID: "",
+        K_RERANK: True,
     }
     for key, value in defaults.items():
         if key not in st.session_state:
@@ -248,6 +250,7 @@ def _current_query(reference: Reference | None) -> Query | None:
         mode=str(ss.get(K_MODE) or "auto"),
         filter=build_filter(fields, values),
         filter_widgets=raw,
+        rerank=bool(ss.get(K_RERANK)) and bool(info and info.reranker),
     )
 
 
@@ -303,6 +306,7 @@ def on_revisit(index: int) -> None:
     ss[K_TEXT] = step.text
     ss[K_TOPK] = step.top_k
     ss[K_MODE] = step.mode
+    ss[K_RERANK] = step.rerank
     for key, value in step.filter_widgets.items():
         ss[key] = value
     ss[K_PENDING] = ("revisit", step, index)
@@ -381,6 +385,7 @@ def run_pending(gw: Gateway) -> None:
                 offset=offset,
                 filter=query.filter or None,
                 mode=query.mode,
+                rerank_k=None if query.rerank else 0,
             )
         except UIError as err:
             ss[K_ERROR] = err.message
@@ -455,6 +460,19 @@ def render_sidebar(gw: Gateway, settings: UISettings, info: InfoView | None) -> 
             key=K_MODE,
             help="auto: exact for small galleries, fast above; exact: exact MaxSim over every "
             "token; fast: approximate candidates, then exact rerank.",
+        )
+        has_rr = bool(info and info.reranker)
+        st.toggle(
+            "Re-rank the top results",
+            key=K_RERANK,
+            disabled=not has_rr,
+            help=(
+                f"Second stage: the server's re-ranker looks at the reference, the text and each "
+                f"of the first {info.default_rerank_k if info else 0} candidates together "
+                "(slower, better first results). Off: the first stage's order alone."
+                if has_rr
+                else "This server has no re-ranker: results are the first stage's order."
+            ),
         )
         fields = info.fields if info else {}
         if fields and info is not None:
@@ -703,6 +721,13 @@ def render_results(gw: Gateway, info: InfoView | None) -> None:
                 render_why(gw, query, hit)
                 with st.expander("Details"):
                     st.caption(f"point id `{hit.id}`")
+                    if hit.reranked:
+                        st.caption(
+                            f"re-ranked score `{hit.score:.4f}` · first stage (MaxSim) "
+                            f"`{hit.first_stage_score:.4f}`"
+                        )
+                    else:
+                        st.caption(f"first stage (MaxSim) score `{hit.score:.4f}`")
                     st.json(payload_for_display(hit.payload), expanded=True)
     max_offset = info.max_offset if info else 10_000
     st.button(

@@ -43,10 +43,12 @@ class HitView:
     """One search result as the grid shows it."""
 
     id: str  # point id (the index's own id)
-    score: float  # MaxSim score (higher is better)
+    score: float  # ranking score (the re-ranker's when ``reranked``, else MaxSim)
     rank: int  # 1-based absolute rank
     payload: dict[str, Any] = field(default_factory=dict)  # stored payload (no thumbnail)
     user_id: str = ""  # the image's own id (manifest id column / relative path); "" if none
+    first_stage_score: float = 0.0  # the first stage's MaxSim score
+    reranked: bool = False  # ``score`` came from the second stage
 
     @property
     def label(self) -> str:
@@ -106,6 +108,8 @@ class InfoView:
     max_page_size: int = 100  # largest ListImages page
     server_version: str = ""
     modes: tuple[str, ...] = DEFAULT_MODES  # search modes offered in the UI
+    reranker: str = ""  # the server's re-ranker fingerprint ("": none, the toggle is off)
+    default_rerank_k: int = 0  # candidates it re-ranks when a request does not say
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -253,7 +257,10 @@ class Gateway:
         offset: int = 0,
         filter: Mapping[str, Any] | None = None,
         mode: str = "auto",
+        rerank_k: int | None = None,
     ) -> SearchView:
+        """``rerank_k``: None = the server's default second stage, 0 = the first stage only."""
+
         def call() -> SearchView:
             res = self.client.search(
                 text,
@@ -264,6 +271,7 @@ class Gateway:
                 filter=dict(filter) if filter else None,
                 mode=mode,
                 include_payload=True,
+                rerank_k=rerank_k,
             )
             return _search_view(res, offset)
 
@@ -379,6 +387,8 @@ def _info_view(info: Any) -> InfoView:
         max_page_size=_int(_get(info, "limits.max_page_size", "max_page_size"), 100),
         server_version=str(_get(info, "server_version", default="")),
         modes=tuple(str(m) for m in modes) if modes else DEFAULT_MODES,
+        reranker=str(_get(info, "reranker.fingerprint", default="") or ""),
+        default_rerank_k=_int(_get(info, "reranker.default_rerank_k", default=0), 0),
     )
 
 
@@ -389,13 +399,19 @@ def _search_view(res: Any, offset: int) -> SearchView:
         rank = _int(_get(h, "rank", default=0), offset + pos + 1)
         payload = _payload(_get(h, "payload", default=None))
         user_id = _get(h, "user_id", default="") or payload.get("user_id") or ""
+        score = float(_get(h, "score", default=0.0))
+        reranked = bool(_get(h, "reranked", default=False))
         hits.append(
             HitView(
                 id=str(_get(h, "id", default="")),
-                score=float(_get(h, "score", default=0.0)),
+                score=score,
                 rank=rank,
                 payload=payload,
                 user_id=str(user_id),
+                first_stage_score=float(_get(h, "first_stage_score", default=score))
+                if reranked
+                else score,
+                reranked=reranked,
             )
         )
     timings_raw = _get(res, "timings", default={})

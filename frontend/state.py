@@ -80,6 +80,7 @@ class Query:
     mode: str = "auto"
     filter: dict[str, Any] = field(default_factory=dict)
     filter_widgets: dict[str, Any] = field(default_factory=dict)  # widget values to restore
+    rerank: bool = True  # the server's second stage (when it has one); False: first stage only
 
     def summary(self, max_text: int = 60) -> str:
         """One line for headings and history: the reference and the text, shortened."""

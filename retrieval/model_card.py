@@ -185,12 +185,13 @@ R@1 by type (test), first stage -> re-ranked (and re-ranked R@5):
 
 
 def add_reranker(
-    out: Path, run: Path, data: Path, commands: list[str], k: int = 50
+    out: Path, run: Path, data: Path, commands: list[str], k: int | None = None
 ) -> dict[str, Any]:
     """Put the re-ranker of training run ``run`` into model folder ``out`` (as ``reranker/``),
     evaluate the first stage alone and re-ranked in one run, and add both to the card."""
-    from retrieval.rerank import RERANKER_DIR, Reranker
+    from retrieval.rerank import DEFAULT_RERANK_K, RERANKER_DIR, Reranker
 
+    k = DEFAULT_RERANK_K if k is None else k  # what cir eval / cir serve use by default
     enc = Encoder.from_pretrained(out)
     rr = Reranker.from_pretrained(run / "model")
     rr.check_encoder(enc)
