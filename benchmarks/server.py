@@ -149,25 +149,44 @@ def _render_chunk(job: tuple[int, int, int]) -> list[bytes]:
     return out
 
 
-def build_real_index(work: Path, n: int, encoder: Any, seed: int = 0) -> str:
+def build_real_index(work: Path, n: int, encoder: Any, seed: int = 0, patches: bool = False) -> str:
     """An Edge index of ``n`` random shapes-world scenes encoded by ``encoder`` (reused when
-    already built for this encoder)."""
+    already built for this encoder). ``patches``: each point also stores its ViT tokens, as
+    `cir index build` does for a model folder whose re-ranker reads them."""
 
     def fill(idx: Any) -> None:
         import multiprocessing as mp
 
         from PIL import Image
 
+        from retrieval.index.api import PATCHES_KEY
+        from retrieval.rerank import encode_patches
+
         chunk = 2000
         jobs = [(s, min(chunk, n - s), seed) for s in range(0, n, chunk)]
         with mp.get_context("fork").Pool(2) as pool:
             for (s, m, _), pngs in zip(jobs, pool.imap(_render_chunk, jobs), strict=True):
                 images = [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
-                toks = encoder.encode_targets(images, batch_size=250)
                 ids = [f"r{n}-{i:07d}" for i in range(s, s + m)]
-                idx.upsert(ids, toks, [{"category": f"c{i % 10}"} for i in range(s, s + m)])
+                payloads: list[dict[str, Any]] = [
+                    {"category": f"c{i % 10}"} for i in range(s, s + m)
+                ]
+                if patches:
+                    parts = [
+                        encoder.encode_target_pixels_and_patches(
+                            encoder.preprocess(images[j : j + 250])
+                        )
+                        for j in range(0, m, 250)
+                    ]
+                    toks = np.concatenate([t for t, _ in parts])
+                    vit = np.concatenate([v for _, v in parts])
+                    for pl, v in zip(payloads, vit, strict=True):
+                        pl[PATCHES_KEY] = encode_patches(v)
+                else:
+                    toks = encoder.encode_targets(images, batch_size=250)
+                idx.upsert(ids, toks, payloads)
 
-    return _build(work, f"real{n}", n, encoder, fill)
+    return _build(work, f"real{n}{'p' if patches else ''}", n, encoder, fill)
 
 
 def _calibration_of(work: Path, name: str) -> dict[str, Any] | None:
@@ -458,7 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     calibrations: dict[int, Any] = {}
     for n in sizes:
         if gallery == "real":
-            name = build_real_index(args.work_dir, n, encoder)
+            from retrieval.rerank import stores_patches
+
+            name = build_real_index(
+                args.work_dir, n, encoder, patches=stores_patches(model, encoder.fingerprint)
+            )
         else:
             name = build_index(args.work_dir, n, encoder)
         if gallery == "real" and args.calibrate_queries > 0:
