@@ -170,6 +170,16 @@ def test_get_image(client: CIRClient) -> None:
         client.get_image("../../etc/passwd", kind="original")
 
 
+def test_points_without_a_user_id_keep_working(client: CIRClient) -> None:
+    """This gallery was written through the index API with readable caller ids and no user
+    ids (as before issue 17): those ids still resolve, and hits say they have no user id."""
+    res = client.search("make it brighter", reference_id="img-004", top_k=3)
+    assert len(res.results) == 3 and all(h.user_id == "" for h in res.results)
+    assert client.get_image("img-004")[1] == "image/jpeg"
+    with pytest.raises(NotFoundError, match="neither a point id nor a user id"):
+        client.search("x", reference_id="00000000-0000-0000-0000-000000000000")
+
+
 def test_list_images(client: CIRClient, gallery: tuple[str, list[str]]) -> None:
     seen: list[str] = []
     offset: int | None = 0
