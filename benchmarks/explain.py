@@ -44,6 +44,7 @@ from retrieval.data.shapes import (  # noqa: E402
     SHAPE_WORDS,
     SIZE_WORDS,
     parse_signature,
+    render_scene,
 )
 
 SIZE_CHANGE_WORDS = frozenset(
@@ -134,7 +135,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="models/sprc-shapes", help="checkpoint folder or preset")
-    ap.add_argument("--data", type=Path, required=True, help="a shapes world (cir data shapes)")
+    ap.add_argument("--data", type=Path, default=None, help="a shapes world (cir data shapes)")
+    ap.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only time --latency-reps Explains on rendered scenes (e.g. --model blip2-vitg)",
+    )
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (the model's dtype)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=0, help="first N single-edit triplets (0: all)")
     ap.add_argument("--seed", type=int, default=0, help="random cells of the deletion test")
@@ -146,7 +153,32 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    enc = Encoder.from_pretrained(args.model)
+    if args.data is None and not args.latency_only:
+        ap.error("--data is required (or --latency-only)")
+    t_load = time.perf_counter()
+    enc = Encoder.from_pretrained(args.model, dtype=args.dtype)
+    load_s = time.perf_counter() - t_load
+    if args.latency_only:
+        ex = Explainer(enc)
+        ref = render_scene(parse_signature("0:red-circle-L|4:blue-square-S"), 64, (21, 0, 1))
+        cand = render_scene(parse_signature("0:red-circle-L|8:green-cross-L"), 64, (21, 0, 2))
+        times = []
+        for _ in range(args.latency_reps):
+            t0 = time.perf_counter()
+            ex.explain(ref, "add a big green cross in the bottom right", cand)
+            times.append(time.perf_counter() - t0)
+        p50 = 1000.0 * statistics.median(times)
+        print(
+            f"{args.model} ({enc.preset}, {args.dtype}, {torch.get_num_threads()} threads): "
+            f"Explain p50 {p50:.1f} ms over {len(times)} (each: "
+            + ", ".join(f"{1000 * t:.0f}" for t in times)
+            + f" ms); model built in {load_s:.1f} s"
+        )
+        if args.json:
+            args.json.write_text(
+                json.dumps({"model": args.model, "dtype": args.dtype, "latency_ms": times}) + "\n"
+            )
+        return
     ex = Explainer(enc)
     if ex.rows != GRID:
         print(

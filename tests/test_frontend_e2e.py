@@ -148,6 +148,12 @@ def test_search_and_refine_in_chromium(ui: str) -> None:
             assert _in_view(box), box.bounding_box()
             assert _in_view(card1), card1.bounding_box()
             page.screenshot(path=str(first_screen))
+            # Why? on a card: the result's and the reference's overlays, the caption's words
+            page.locator(".st-key-why_1 button").first.click()
+            expect(card1.locator("img")).to_have_count(3)
+            expect(card1.locator("span[title]").filter(has_text="blue")).to_be_visible()
+            page.locator(".st-key-why_1 button").first.click()  # Hide why
+            expect(card1.locator("img")).to_have_count(1)
             # the first result that is not the current reference (it often ranks itself high)
             rank, target_id = next(
                 (r, found.group(0))
