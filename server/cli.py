@@ -103,6 +103,21 @@ def serve_cmd(
         help="Default rerank_k of requests that set none (default 50 with a re-ranker; 0: "
         "re-ranking off, no re-ranker loaded).",
     ),
+    recall_guard_rate: float | None = typer.Option(
+        None,
+        "--recall-guard-rate",
+        help="Share of live fast searches also searched exactly to watch their recall@10 "
+        "(default 0.01; 0: off).",
+    ),
+    recall_target: float | None = typer.Option(
+        None, "--recall-target", help="recall@10 fast promises (default 0.99)."
+    ),
+    query_reservoir_file: Path | None = typer.Option(
+        None,
+        "--query-reservoir-file",
+        help="Where recent query vectors are written for `cir index calibrate --queries` "
+        "(default: INDEX_PATH/NAME/traffic_queries.npy for edge:/local: indexes).",
+    ),
 ) -> None:
     """Serve composed search over a gallery index with gRPC (grpc.aio)."""
     import asyncio
@@ -139,6 +154,9 @@ def serve_cmd(
         search_process=search_process,
         reranker=reranker,
         rerank_k=rerank,
+        recall_guard_rate=recall_guard_rate,
+        recall_target=recall_target,
+        query_reservoir_file=query_reservoir_file,
     )
     try:
         settings = load_settings(config, **flags)

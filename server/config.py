@@ -92,6 +92,19 @@ class ServerSettings(BaseSettings):
     max_offset: int = Field(9000, ge=0, le=9999)  # largest offset (offset+top_k <= 10000)
     max_page_size: int = Field(500, ge=1, le=1000)  # ListImages page size limit
 
+    # --- the recall guard (server/recall_guard.py): live fast searches checked against exact
+    recall_guard_rate: float = Field(0.01, ge=0.0, le=1.0)  # share of fast searches (0: off)
+    recall_guard_max_per_s: float = Field(5.0, ge=0.0)  # exact checks per second at most
+    recall_guard_min_samples: int = Field(100, ge=1)  # checked queries before the guard acts
+    recall_guard_window: int = Field(1000, ge=1)  # recent checked queries the estimate covers
+    recall_guard_confidence: float = Field(0.95, gt=0.5, lt=1.0)  # one-sided Wilson bound
+    recall_target: float = Field(0.99, gt=0.0, le=1.0)  # recall@10 fast promises
+    # query vectors kept for `cir index calibrate --queries` (0: none) and where they are
+    # written (None: PATH/<name>/traffic_queries.npy for edge:/local: indexes, none for qdrant:)
+    query_reservoir: int = Field(2000, ge=0)
+    query_reservoir_file: Path | None = None
+    query_reservoir_save_s: float = Field(60.0, ge=0.0)  # write interval (0: only at shutdown)
+
     # --- caches, refresh, shutdown
     feature_cache_size: int = Field(2048, ge=0)  # gallery reference ViT features kept (0: off)
     feature_cache_mb: float = Field(512.0, ge=0)  # byte bound of that cache

@@ -60,6 +60,8 @@ class Query:
     rerank_k: int = 0  # re-rank the first stage's top rerank_k (0: off; needs a reference)
     rerank_feats: Any = None  # the re-ranker's query side (retrieval.rerank.QueryFeatures)
     timings: dict[str, float] = field(default_factory=dict)
+    searched_mode: str = ""  # what the index really ran ("exact" / "fast"), set by search
+    mode_note: str = ""  # why it is not the mode asked for, when that matters
 
     @property
     def has_reference(self) -> bool:
@@ -204,6 +206,55 @@ class Engine:
 
         self._small_threads = torch.get_num_threads()  # what num_threads set at load
         self._threads_now = self._small_threads
+        self.guard: Any = None  # server.recall_guard.RecallGuard (set by the service)
+        # (mode run, note) per (top_k, offset, mode), for one version's facts; re-read every
+        # PLAN_TTL_S so a calibration recorded elsewhere is seen
+        self._plans: dict[tuple[int, int, str], tuple[str, str]] = {}
+        self._plans_key: tuple[Any, ...] = ()
+        self._plans_at = 0.0
+        self._noted: set[tuple[str, str]] = set()
+
+    PLAN_TTL_S = 2.0
+
+    def index_options(self) -> dict[str, Any]:
+        """The search options the index was opened with (``open_index(options=...)``)."""
+        opts = getattr(self.index, "_options", None)
+        if opts is None:  # a ProcessIndex keeps open_index's keyword arguments
+            opts = getattr(self.index, "_kwargs", {}).get("options")
+        return dict(opts or {})
+
+    def plan(self, q: Query, version: str) -> tuple[str, str]:
+        """The mode the index runs ``q`` in and why it differs from the one asked (see
+        retrieval.index.common.resolve_mode); the recall guard's exact fallback included."""
+        from retrieval.index.common import CALIBRATION_KEY, resolve_mode
+
+        guard = self.guard
+        if q.mode == "exact":
+            return "exact", ""
+        if guard is not None and version in guard.forced_exact:
+            return "exact", (
+                f"the recall guard found fast below recall@10 {guard.recall_target:g} on "
+                f"version {version} and could not record a larger L: searched exactly"
+            )
+        now = time.monotonic()
+        key = (version, guard.generation if guard is not None else 0)
+        if key != self._plans_key or now - self._plans_at > self.PLAN_TTL_S:
+            self._plans, self._plans_key, self._plans_at = {}, key, now
+        top_k, offset = (
+            (max(q.rerank_k, q.offset + q.top_k), 0) if q.reranks else (q.top_k, q.offset)
+        )
+        pk = (top_k, offset, q.mode)
+        got = self._plans.get(pk)
+        if got is None:
+            meta = self.index.meta
+            cal = meta.extra.get(CALIBRATION_KEY) if meta is not None else None
+            n = int(self.index.count())
+            got = resolve_mode(q.mode, top_k, offset, n, self.index_options(), cal)
+            self._plans[pk] = got
+        if got[1] and (version, got[1]) not in self._noted and q.mode == "fast":
+            self._noted.add((version, got[1]))
+            logger.warning("fast search on index version %s: %s", version, got[1])
+        return got
 
     # ------------------------------------------------------------------ index facts
     @property
@@ -507,6 +558,7 @@ class Engine:
         except (IndexUnavailableError, IndexNotFoundError) as exc:
             err = RequestError("UNAVAILABLE", f"index unavailable: {exc}")
             return [err] * len(queries), "", (time.perf_counter() - t0) * 1000.0
+        modes = ["exact"] * len(queries)
         for idx in groups.values():
             q = queries[idx[0]]
             # a re-ranked query fetches its whole window from 0; rerank() cuts its page
@@ -514,10 +566,20 @@ class Engine:
             if q.reranks:
                 top_k, offset = max(q.rerank_k, q.offset + q.top_k), 0
             try:
+                run, note = self.plan(q, version)
+            except Exception:  # the plan is informative: the index decides on its own again
+                logger.debug("search plan failed", exc_info=True)
+                run, note = q.mode, ""
+            for i in idx:
+                queries[i].searched_mode, queries[i].mode_note = run, note
+                modes[i] = run
+            # the guard's fallback (the index itself does the calibration's)
+            mode = "exact" if run == "exact" else q.mode
+            try:
                 if len(idx) == 1:
-                    hits = [self.index.search(vectors[idx[0]], top_k, offset, q.filter, q.mode)]
+                    hits = [self.index.search(vectors[idx[0]], top_k, offset, q.filter, mode)]
                 else:
-                    hits = self.index.search_batch(vectors[idx], top_k, offset, q.filter, q.mode)
+                    hits = self.index.search_batch(vectors[idx], top_k, offset, q.filter, mode)
                 for i, h in zip(idx, hits, strict=True):
                     results[i] = h
             except (InvalidFilterError, InvalidQueryError) as exc:
@@ -533,7 +595,10 @@ class Engine:
                 logger.exception("index search failed")
                 for i in idx:
                     results[i] = RequestError("INTERNAL", f"index error: {exc}")
-        return results, version, (time.perf_counter() - t0) * 1000.0
+        ms = (time.perf_counter() - t0) * 1000.0
+        if self.guard is not None:  # keeps the vectors, queues a sample: no index call here
+            self.guard.observe(version, vectors, queries, results, modes)
+        return results, version, ms
 
     # ------------------------------------------------------------------ second stage
     def rerank(self, queries: list[Query], results: list[list[Any] | RequestError]) -> float:

@@ -84,6 +84,37 @@ class Metrics:
         self.index_switches = Counter(
             "cir_index_switches", "Switches to a newly activated index version", registry=r
         )
+        # the recall guard (server/recall_guard.py): live fast recall@10 per served version
+        self.guard_recall = Gauge(
+            "cir_recall_guard_recall",
+            "Running recall@10 of sampled live fast searches against exact search",
+            ["version"],
+            registry=r,
+        )
+        self.guard_lower = Gauge(
+            "cir_recall_guard_recall_lower_bound",
+            "One-sided Wilson lower confidence bound of that recall",
+            ["version"],
+            registry=r,
+        )
+        self.guard_samples = Gauge(
+            "cir_recall_guard_samples",
+            "Sampled fast searches the running recall is measured on (the current window)",
+            ["version"],
+            registry=r,
+        )
+        self.guard_fast_l = Gauge(
+            "cir_recall_guard_fast_l",
+            "Prefetch size L the guard set for a version (-1: searched exactly)",
+            ["version"],
+            registry=r,
+        )
+        self.guard_actions = Counter(
+            "cir_recall_guard_actions",
+            "Guard interventions (raise-L, exact) when the recall bound fell below the target",
+            ["action"],
+            registry=r,
+        )
         self._http: Any = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

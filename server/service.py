@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -172,6 +173,74 @@ _LEVELS = {
 
 #: Threads that decode images, read files and call the index.
 IO_THREADS = 4
+MODE_VALUES = {name: value for value, name in MODE_NAMES.items() if value}
+
+
+def make_recall_guard(settings: Any, engine: Engine, metrics: Metrics) -> Any:
+    """The recall guard of ``engine``'s index (server/recall_guard.py), from the settings."""
+    from retrieval.index import parse_uri
+    from server.recall_guard import RESERVOIR_FILE, RecallGuard
+
+    path = settings.query_reservoir_file
+    if path is None:
+        backend, location = parse_uri(str(settings.index))
+        if backend in ("edge", "local") and location != ":memory:":
+            path = Path(location) / str(settings.name) / RESERVOIR_FILE
+    return RecallGuard(
+        engine.index,
+        rate=settings.recall_guard_rate,
+        max_per_s=settings.recall_guard_max_per_s,
+        min_samples=settings.recall_guard_min_samples,
+        window=settings.recall_guard_window,
+        confidence=settings.recall_guard_confidence,
+        recall_target=settings.recall_target,
+        reservoir=settings.query_reservoir,
+        reservoir_file=path,
+        save_every_s=settings.query_reservoir_save_s,
+        fingerprint=str(engine.encoder.fingerprint),
+        metrics=metrics,
+        options=engine.index_options(),
+    )
+
+
+def recall_guard_info(engine: Engine, meta: Any) -> Any:
+    """Info.recall_guard: the guard's running estimate for the served version and its L."""
+    from retrieval.index.common import CALIBRATION_KEY
+
+    guard = engine.guard
+    if guard is None:
+        return pb.RecallGuardInfo()
+    snap = guard.snapshot(engine.version)
+    cal = (meta.extra.get(CALIBRATION_KEY) if meta is not None else None) or {}
+    try:
+        fast_l = guard.current_l()
+    except Exception:  # informative only
+        fast_l = None
+    last = snap["last_action"]
+    words = ""
+    if last:
+        to = "exact search" if last.get("L") is None else f"L = {last['L']}"
+        words = (
+            f"{last['action']}: L {last['previous_L']} -> {to} at recall@10 {last['recall']} "
+            f"(lower bound {last['lower_bound']}, {last['samples']} queries)"
+        )
+    return pb.RecallGuardInfo(
+        enabled=guard.sampling,
+        sample_rate=guard.rate,
+        recall_target=guard.recall_target,
+        recall=snap["recall"] or 0.0,
+        recall_lower_bound=snap["lower_bound"] or 0.0,
+        samples=snap["samples"],
+        min_samples=guard.min_samples,
+        fast_l=fast_l or 0,
+        fast_l_source=("guard" if cal.get("guard") else str(cal.get("source", "proxy")))
+        if cal
+        else "table",
+        heldout_recall=float(cal.get("heldout_recall") or 0.0),
+        last_action=words,
+        reservoir_size=snap["reservoir"],
+        reservoir_file=str(guard.reservoir_file or ""),
+    )
 
 
 class SearchService(pb_grpc.SearchServiceServicer):
@@ -199,6 +268,8 @@ class SearchService(pb_grpc.SearchServiceServicer):
     # ------------------------------------------------------------------ lifecycle
     def attach(self, engine: Engine) -> None:
         self.engine = engine
+        engine.guard = make_recall_guard(self.settings, engine, self.metrics)
+        engine.guard.start()
         self.batcher.start()
         self.ready = True
 
@@ -210,6 +281,9 @@ class SearchService(pb_grpc.SearchServiceServicer):
             await asyncio.wait(list(self._search_tasks), timeout=timeout)
         self.infer_pool.shutdown(wait=True, cancel_futures=True)
         self.io_pool.shutdown(wait=True, cancel_futures=True)
+        guard = self.engine.guard if self.engine is not None else None
+        if guard is not None:  # pending checks, then the traffic reservoir's file
+            await asyncio.get_running_loop().run_in_executor(None, guard.stop, timeout)
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
@@ -489,6 +563,9 @@ class SearchService(pb_grpc.SearchServiceServicer):
                 rerank_ms=tm.get("rerank_ms", 0.0),
             ),
         )
+        if q.searched_mode:
+            resp.searched_mode = MODE_VALUES[q.searched_mode]  # type: ignore[assignment]
+            resp.mode_note = q.mode_note
         reranked = bool(hits) and isinstance(hits[0], RankedHit)
         if q.reranks and engine.reranker is not None:
             resp.rerank_k = q.rerank_k
@@ -650,6 +727,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
                 features=engine.reranker.config.features if engine.reranker is not None else "",
                 default_rerank_k=engine.default_rerank_k,
             ),
+            recall_guard=recall_guard_info(engine, meta),
         )
 
     # ------------------------------------------------------------------ Explain

@@ -93,7 +93,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., reference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., reference_cached: _Optional[bool] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "index_version", "encoder_fingerprint", "timings", "request_id", "rerank_k", "reranker_fingerprint")
+    __slots__ = ("results", "index_version", "encoder_fingerprint", "timings", "request_id", "rerank_k", "reranker_fingerprint", "searched_mode", "mode_note")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class SearchResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RERANK_K_FIELD_NUMBER: _ClassVar[int]
     RERANKER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SEARCHED_MODE_FIELD_NUMBER: _ClassVar[int]
+    MODE_NOTE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SearchHit]
     index_version: str
     encoder_fingerprint: str
@@ -108,7 +110,9 @@ class SearchResponse(_message.Message):
     request_id: str
     rerank_k: int
     reranker_fingerprint: str
-    def __init__(self, results: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., index_version: _Optional[str] = ..., encoder_fingerprint: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., rerank_k: _Optional[int] = ..., reranker_fingerprint: _Optional[str] = ...) -> None: ...
+    searched_mode: SearchMode
+    mode_note: str
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., index_version: _Optional[str] = ..., encoder_fingerprint: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., rerank_k: _Optional[int] = ..., reranker_fingerprint: _Optional[str] = ..., searched_mode: _Optional[_Union[SearchMode, str]] = ..., mode_note: _Optional[str] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
     __slots__ = ("queries",)
@@ -225,8 +229,38 @@ class RerankerInfo(_message.Message):
     default_rerank_k: int
     def __init__(self, loaded: _Optional[bool] = ..., fingerprint: _Optional[str] = ..., features: _Optional[str] = ..., default_rerank_k: _Optional[int] = ...) -> None: ...
 
+class RecallGuardInfo(_message.Message):
+    __slots__ = ("enabled", "sample_rate", "recall_target", "recall", "recall_lower_bound", "samples", "min_samples", "fast_l", "fast_l_source", "heldout_recall", "last_action", "reservoir_size", "reservoir_file")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    RECALL_TARGET_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    RECALL_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FAST_L_FIELD_NUMBER: _ClassVar[int]
+    FAST_L_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_RECALL_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTION_FIELD_NUMBER: _ClassVar[int]
+    RESERVOIR_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESERVOIR_FILE_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    sample_rate: float
+    recall_target: float
+    recall: float
+    recall_lower_bound: float
+    samples: int
+    min_samples: int
+    fast_l: int
+    fast_l_source: str
+    heldout_recall: float
+    last_action: str
+    reservoir_size: int
+    reservoir_file: str
+    def __init__(self, enabled: _Optional[bool] = ..., sample_rate: _Optional[float] = ..., recall_target: _Optional[float] = ..., recall: _Optional[float] = ..., recall_lower_bound: _Optional[float] = ..., samples: _Optional[int] = ..., min_samples: _Optional[int] = ..., fast_l: _Optional[int] = ..., fast_l_source: _Optional[str] = ..., heldout_recall: _Optional[float] = ..., last_action: _Optional[str] = ..., reservoir_size: _Optional[int] = ..., reservoir_file: _Optional[str] = ...) -> None: ...
+
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "index", "limits", "server_version", "max_batch", "max_wait_ms", "reranker")
+    __slots__ = ("model", "index", "limits", "server_version", "max_batch", "max_wait_ms", "reranker", "recall_guard")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +268,7 @@ class InfoResponse(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     RERANKER_FIELD_NUMBER: _ClassVar[int]
+    RECALL_GUARD_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     index: IndexInfo
     limits: Limits
@@ -241,7 +276,8 @@ class InfoResponse(_message.Message):
     max_batch: int
     max_wait_ms: float
     reranker: RerankerInfo
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., index: _Optional[_Union[IndexInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ...) -> None: ...
+    recall_guard: RecallGuardInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., index: _Optional[_Union[IndexInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ..., recall_guard: _Optional[_Union[RecallGuardInfo, _Mapping]] = ...) -> None: ...
 
 class EncodeQueryRequest(_message.Message):
     __slots__ = ("reference_image", "reference_id", "text")
