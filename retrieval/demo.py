@@ -54,6 +54,8 @@ class DemoConfig:
     metrics_port: int = 0  # Prometheus port of the server (0: off)
     ui: bool = True  # start the Streamlit UI too
     seed: int = 0  # world seed (the demo model's recipe)
+    reranker: str | None = None  # re-ranker folder (None: MODEL/reranker when present)
+    rerank: int | None = None  # the server's default rerank_k (None: its own; 0: off)
 
 
 def _cir(*args: str) -> list[str]:
@@ -320,6 +322,8 @@ def run_demo(cfg: DemoConfig) -> None:
                 str(cfg.grpc_port),
                 "--metrics-port",
                 str(cfg.metrics_port),
+                *(["--reranker", cfg.reranker] if cfg.reranker else []),
+                *(["--rerank", str(cfg.rerank)] if cfg.rerank is not None else []),
             )
         )
         procs.append(server)
@@ -367,6 +371,15 @@ def register(app: typer.Typer) -> None:
         ui_port: int = typer.Option(8501, "--ui-port", help="Web UI port."),
         metrics_port: int = typer.Option(0, "--metrics-port", help="Prometheus port (0: off)."),
         no_ui: bool = typer.Option(False, "--no-ui", help="Start only the gRPC server."),
+        reranker: str | None = typer.Option(
+            None, "--reranker", help="Re-ranker folder (default: MODEL/reranker when present)."
+        ),
+        rerank: int | None = typer.Option(
+            None,
+            "--rerank",
+            min=0,
+            help="Candidates the server re-ranks by default (0: the first stage alone).",
+        ),
     ) -> None:
         """Generate the demo gallery, index it, start the gRPC server and the web UI."""
         run_demo(
@@ -380,5 +393,7 @@ def register(app: typer.Typer) -> None:
                 ui_port=ui_port,
                 metrics_port=metrics_port,
                 ui=not no_ui,
+                reranker=reranker,
+                rerank=rerank,
             )
         )
