@@ -303,8 +303,9 @@ def register(app: typer.Typer) -> None:
         queries: Path | None = typer.Option(
             None,
             "--queries",
-            help="real query vectors [M, D] (.npy, e.g. saved from the EncodeQuery RPC or a "
-            "query log); default: proxy queries drawn from the index, which can be pessimistic",
+            help="real query vectors [M, D] (.npy): the traffic a server keeps "
+            "(INDEX_PATH/NAME/traffic_queries.npy, written by cir serve), EncodeQuery vectors or "
+            "a query log; default: proxy queries drawn from the index (a last resort)",
         ),
     ) -> None:
         """Measure a version's fast-mode prefetch size L on its own vectors and record it in
@@ -314,7 +315,14 @@ def register(app: typer.Typer) -> None:
 
         try:
             qv = None if queries is None else load_query_vectors(queries)
-            res = calibrate_index(index, name, version, recall, qv)
+            made_by = None
+            side = None if queries is None else queries.with_suffix(".json")
+            if side is not None and side.is_file():  # a server's traffic reservoir
+                try:
+                    made_by = json.loads(side.read_text()).get("encoder_fingerprint") or None
+                except (OSError, ValueError):
+                    made_by = None
+            res = calibrate_index(index, name, version, recall, qv, made_by)
         except _known_errors() as exc:
             _fail(exc)
             return

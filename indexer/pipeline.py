@@ -1231,13 +1231,25 @@ def calibrate_index(
     version: str | None = None,
     recall_target: float = 0.99,
     query_vectors: np.ndarray | None = None,
+    queries_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """``calibrate_version`` by URI (default: the active version)."""
+    """``calibrate_version`` by URI (default: the active version). ``queries_fingerprint``:
+    the encoder that made ``query_vectors`` when known (a server's traffic reservoir names
+    it); another encoder's queries are refused."""
     from retrieval.index import open_index
 
     idx = open_index(uri, name, options=VERIFY_OPTIONS)
     try:
         target = _version_or_active(idx, version, uri, name)
+        if queries_fingerprint is not None:
+            fp = next(
+                (v.meta.encoder_fingerprint for v in idx.versions() if v.version == target), None
+            )
+            if fp is not None and fp != queries_fingerprint:
+                raise IndexerError(
+                    f"the query vectors were made by encoder {queries_fingerprint}, version "
+                    f"{target} was built with {fp}: they are not comparable"
+                )
         try:
             res = calibrate_version(idx, target, recall_target, query_vectors)
         except ValueError as exc:  # an empty version or unusable query vectors

@@ -231,3 +231,26 @@ def test_training_captions_from_the_model_folder(tmp_path: Path) -> None:
     if (demo.parents[1] / "data" / "shapes" / "train.jsonl").is_file():
         got = training_captions(demo, limit=50)
         assert got is not None and len(got[0]) == 50
+
+
+def test_calibrate_on_a_servers_traffic_reservoir(random_index: str, tmp_path: Path) -> None:
+    """`cir index calibrate --queries INDEX/NAME/traffic_queries.npy` (what cir serve writes):
+    the sidecar's encoder must be the version's."""
+    from typer import Typer
+
+    from indexer.cli import register
+
+    app = Typer()
+    register(app)
+    rng = np.random.default_rng(5)
+    path = tmp_path / "traffic_queries.npy"
+    np.save(path, rng.standard_normal((40, D)).astype(np.float32))
+    args = ["index", "calibrate", "--index", random_index, "--name", "g", "--queries", str(path)]
+    path.with_suffix(".json").write_text(json.dumps({"encoder_fingerprint": "other"}))
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "not comparable" in res.output
+    path.with_suffix(".json").write_text(json.dumps({"encoder_fingerprint": "e"}))
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["source"] == "queries" and out["queries"] == 40 and "heldout_curve" in out
