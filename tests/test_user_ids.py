@@ -204,6 +204,12 @@ def test_build_from_a_manifest_with_ids(tmp_path: Path, enc: Any) -> None:
     assert set(got) == {"g000000", "g000001", "g000002"}
     assert got["g000001"]["relpath"] == "imgs/img0001.png"
     assert got["g000001"]["gallery_id"] == "g000001"  # the column stays in the payload too
+    # cir demo reuses an index only when it knows the images by their gallery ids
+    from retrieval.demo import index_is_current
+
+    assert index_is_current(f"edge:{ix}", "g", enc.fingerprint, 3)
+    build(cfg(m, tmp_path / "by-path"), encoder=enc)  # no id column: ids are the paths
+    assert not index_is_current(f"edge:{tmp_path / 'by-path'}", "g", enc.fingerprint, 3)
 
 
 # ----------------------------------------------------------------------------- the server
