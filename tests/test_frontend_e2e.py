@@ -201,7 +201,7 @@ def test_search_and_refine_in_chromium(ui: str) -> None:
 def test_upload_limits_and_messages_in_chromium(ui: str, tmp_path: Path) -> None:
     """A refused upload says why, in words, and Search then says there is no usable reference;
     the uploader's own chip states the server's limit; Clear reference empties the uploader; a
-    text over the server's limit is flagged at the box."""
+    text over the server's limit is flagged at the box; a keyword filter offers known values."""
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -247,5 +247,16 @@ def test_upload_limits_and_messages_in_chromium(ui: str, tmp_path: Path) -> None
                 page.get_by_text(re.compile(r"characters; the server reads at most 1,000"))
             ).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "ui-e2e-upload.png"))
+
+            # a keyword filter offers the gallery's values; the caption says the filter in words
+            page.locator(".st-key-flt_color").click()
+            page.get_by_role("option", name="blue", exact=True).click()
+            page.keyboard.press("Escape")
+            page.get_by_role("textbox", name="Modification text").fill("make it bigger")
+            page.get_by_role("button", name="Search", exact=True).click()
+            caption = page.get_by_text(re.compile(r"shown · mode auto · filter: color is blue"))
+            expect(caption).to_be_visible()
+            assert "{" not in caption.inner_text()
+            expect(page.locator(".st-key-card_1")).to_be_visible()
         finally:
             browser.close()
