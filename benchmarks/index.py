@@ -40,12 +40,11 @@ from retrieval.index.common import CALIBRATION_KEY  # noqa: E402
 logger = logging.getLogger("bench.index")
 
 
-def synth(n: int, q: int, d: int, seed: int, clusters: int = 1000, chunk: int = 5000) -> np.ndarray:
-    """Clustered synthetic tokens, generated in chunks (100k x 32 x 256 is 3.3 GB)."""
+def synth_chunks(n: int, q: int, d: int, seed: int, clusters: int = 1000, chunk: int = 5000) -> Any:
+    """Clustered synthetic tokens chunk by chunk: yields ``(start, tokens [m, q, d])``."""
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((clusters, d)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    out = np.empty((n, q, d), np.float32)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         r = np.random.default_rng(seed + 1 + s)
@@ -55,8 +54,59 @@ def synth(n: int, q: int, d: int, seed: int, clusters: int = 1000, chunk: int = 
         # tokens: image + token noise (cos(token, image) ~ 0.6, like Q-Former query tokens)
         toks = img[:, None, :] + 1.3 * r.standard_normal((m, q, d)).astype(np.float32) / np.sqrt(d)
         toks /= np.linalg.norm(toks, axis=-1, keepdims=True)
-        out[s : s + m] = toks
+        yield s, toks
+
+
+def synth(n: int, q: int, d: int, seed: int, clusters: int = 1000, chunk: int = 5000) -> np.ndarray:
+    """Clustered synthetic tokens, generated in chunks (100k x 32 x 256 is 3.3 GB)."""
+    out = np.empty((n, q, d), np.float32)
+    for s, toks in synth_chunks(n, q, d, seed, clusters, chunk):
+        out[s : s + len(toks)] = toks
     return out
+
+
+def curve_at(n: int, q: int, d: int, nq: int, seed: int = 7, target: float = 0.99) -> dict:
+    """The calibration's measurement at ``n`` synthetic points without building an index (1M x
+    16 x 256 is 16 GB of float32: streamed, never held): recall@10 of a perfect ``pooled``
+    first stage at each L of the ladder, for ``nq`` queries (perturbed tokens of images of the
+    first chunk: images are i.i.d.), L chosen on half and checked on the held-out half exactly
+    as ``calibrate_fast`` does."""
+    from retrieval.index.calibrate import LADDER, choose_l_heldout
+
+    t0 = time.perf_counter()
+    exact = np.empty((nq, n), np.float32)
+    pooled = np.empty((nq, n), np.float32)
+    qs: np.ndarray | None = None
+    for s, toks in synth_chunks(n, q, d, seed, chunk=20000):
+        if qs is None:
+            qs = make_queries(toks, nq, seed=123)
+        m = len(toks)
+        exact[:, s : s + m] = (toks.reshape(m * q, d) @ qs.T).reshape(m, q, nq).max(1).T
+        p = toks.mean(1)
+        p /= np.linalg.norm(p, axis=1, keepdims=True)
+        pooled[:, s : s + m] = (p @ qs.T).T
+        if s % 200000 == 0:
+            logger.info("curve: %d / %d points (%.0fs)", s + m, n, time.perf_counter() - t0)
+    top = np.argpartition(-exact, 9, axis=1)[:, :10]
+    thr = np.take_along_axis(pooled, top, axis=1)
+    ranks = np.stack([(pooled[i][None, :] > thr[i][:, None]).sum(-1) for i in range(nq)])
+    ladder = [x for x in LADDER if x < n]
+    half = np.random.default_rng(1).permutation(nq)
+    fit, held = ranks[half[nq // 2 :]], ranks[half[: nq // 2]]
+    fit_c = {L: float((fit < L).mean()) for L in ladder}
+    held_c = {L: float((held < L).mean()) for L in ladder}
+    L = choose_l_heldout(fit_c, held_c, target)
+    return {
+        "n": n,
+        "shape": [q, d],
+        "queries": nq,
+        "curve": {str(k): v for k, v in fit_c.items()},
+        "heldout_curve": {str(k): v for k, v in held_c.items()},
+        "L": L,
+        "heldout_recall": held_c.get(L) if L else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "peak_rss_mb": round(rss_mb(), 0),
+    }
 
 
 def make_queries(tokens: np.ndarray, nq: int, seed: int) -> np.ndarray:
@@ -474,6 +524,13 @@ def main() -> None:
         default="1",
         help="hnsw_ef as multiples of L for the sweep, or 'exact' (exact prefetch scan): 1,2,exact",
     )
+    ap.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        help="only the calibration's recall-vs-L measurement at this many synthetic points "
+        "(--q x --d), streamed without an index (e.g. 1000000 at 16 x 256)",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="where the indexes are built")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
@@ -482,6 +539,12 @@ def main() -> None:
     SWEEP["ef"] = [x.strip() for x in args.sweep_ef.split(",") if x.strip()]
     SWEEP["modes"] = [x.strip() for x in args.modes.split(",") if x.strip()]
     CALIBRATE["on"] = not args.no_calibrate
+    if args.curve:
+        res = curve_at(args.curve, args.q, args.d, args.queries_n)
+        print(json.dumps(res, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
+        return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cir-index-bench-"))
     rows: list[dict] = []
     if args.features:
