@@ -87,8 +87,8 @@ def describe_bytes(head: bytes) -> str:
         return "an HTML page"
     try:
         decoded = head.decode("utf-8")
-    except UnicodeDecodeError:  # may be a multi-byte character cut at the end
-        decoded = head[:-3].decode("utf-8", errors="replace")
+    except UnicodeDecodeError as exc:  # text only if a multi-byte character was cut at the end
+        decoded = head[: exc.start].decode("utf-8") if exc.start >= len(head) - 3 else ""
     if decoded and all(c.isprintable() or c in "\r\n\t" for c in decoded):
         return "text"
     return "binary data of an unknown kind"

@@ -356,6 +356,8 @@ def test_a_user_id_clash_in_an_index_is_reported(tmp_path: Path, enc: Any) -> No
         (b"<!DOCTYPE html><html>", "not-an-image", "an HTML page"),
         (b"\x00\x00\x00\x18ftypheic\x00\x00", "not-an-image", "HEIC/HEIF photo"),
         (b"\x89PNG\r\n\x1a\n\x00\x00", "corrupt", "starts like a PNG image but its data"),
+        (b"\x89PNG garbage", "not-an-image", "binary data of an unknown kind"),
+        ("caf\u00e9 cr\u00e8me".encode()[:-1], "not-an-image", "the file is text"),  # cut UTF-8
         (b"", "empty", "no bytes"),
     ],
 )
