@@ -25,7 +25,15 @@ def test_generated_package_imports() -> None:
 
     assert search_pb2.DESCRIPTOR.package == "cir.v1"
     names = set(search_pb2.DESCRIPTOR.services_by_name["SearchService"].methods_by_name)
-    assert names == {"Search", "SearchBatch", "GetImage", "Info", "EncodeQuery", "ListImages"}
+    assert names == {
+        "Search",
+        "SearchBatch",
+        "GetImage",
+        "Info",
+        "EncodeQuery",
+        "ListImages",
+        "Explain",
+    }
     assert hasattr(search_pb2_grpc, "SearchServiceStub")
 
 
