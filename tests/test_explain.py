@@ -314,3 +314,22 @@ def test_cir_explain_cli(server: Any, gallery: Gallery, tmp_path: Path) -> None:
         [*base, "--id", gallery.ids[0], "--text", "x", "--candidate", "nope", "--out", str(empty)],
     )
     assert res.exit_code == 1 and "NOT_FOUND" in res.output
+
+
+def test_explain_admission_and_deadline(server: Any, gallery: Gallery) -> None:
+    from server.client import CIRClient, DeadlineExceededError, ResourceExhaustedError
+
+    service = server.server.service
+    with CIRClient(server.target, api_key="k-explain", retries=0, timeout=60) as c:
+        # as Search: a full queue answers RESOURCE_EXHAUSTED with a retry-after hint
+        service._explains_pending = service.settings.queue_size
+        try:
+            with pytest.raises(ResourceExhaustedError) as info:
+                c.explain("make it red", gallery.ids[1], reference_id=gallery.ids[0])
+            assert info.value.retry_after_ms is not None
+        finally:
+            service._explains_pending = 0
+        with pytest.raises(DeadlineExceededError):
+            c.explain("make it red", gallery.ids[1], reference_id=gallery.ids[0], timeout=1e-3)
+        # and the server still answers afterwards
+        assert c.explain("make it red", gallery.ids[1], reference_id=gallery.ids[0]).words
