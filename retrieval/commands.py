@@ -163,7 +163,7 @@ def eval_cmd(
     rerank: int | None = typer.Option(
         None,
         "--rerank",
-        help="Re-rank each query's first-stage top-K with the re-ranker (0 = off; default 50 "
+        help="Re-rank each query's first-stage top-K with the re-ranker (0 = off; default 20 "
         "when the model folder has a re-ranker).",
     ),
     reranker_dir: Path | None = typer.Option(

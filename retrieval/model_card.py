@@ -195,7 +195,7 @@ def add_reranker(
     enc = Encoder.from_pretrained(out)
     rr = Reranker.from_pretrained(run / "model")
     rr.check_encoder(enc)
-    gallery = encode_gallery(enc, data, load_gallery(data))
+    gallery = encode_gallery(enc, data, load_gallery(data), patches=rr.config.features == "patches")
     evals = {}
     for split in ("test", "test_unseen"):
         if (data / f"{split}.jsonl").is_file() and (data / f"{split}.jsonl").stat().st_size:

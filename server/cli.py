@@ -100,7 +100,7 @@ def serve_cmd(
     rerank: int | None = typer.Option(
         None,
         "--rerank",
-        help="Default rerank_k of requests that set none (default 50 with a re-ranker; 0: "
+        help="Default rerank_k of requests that set none (default 20 with a re-ranker; 0: "
         "re-ranking off, no re-ranker loaded).",
     ),
     recall_guard_rate: float | None = typer.Option(

@@ -48,7 +48,7 @@ class ServerSettings(BaseSettings):
     # --- second stage: a re-ranker over the first stage's top rerank_k
     reranker: str | None = None  # re-ranker folder (None: MODEL/reranker when the folder has one)
     rerank_k: int | None = Field(None, ge=0)  # default rerank_k of a request that sets none
-    # (None: 50 with a re-ranker; 0: re-ranking off and no re-ranker loaded)
+    # (None: 20 with a re-ranker; 0: re-ranking off and no re-ranker loaded)
     max_rerank_k: int = Field(200, ge=1, le=1000)  # largest accepted SearchRequest.rerank_k
 
     # --- network

@@ -49,6 +49,15 @@ def test_checkpoint_loads_and_is_small() -> None:
     assert sum(files.values()) <= 25 * 1024 * 1024
     enc = Encoder.from_pretrained(MODEL)
     assert enc.fingerprint == CARD["fingerprint"]
+    # the second stage: at most 25 MB more, trained on this very first stage
+    from retrieval.rerank import Reranker, find_reranker
+
+    folder = find_reranker(MODEL)
+    assert folder is not None and "reranker" in CARD
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 25 * 1024 * 1024
+    rr = Reranker.from_pretrained(folder)
+    rr.check_encoder(enc)
+    assert rr.fingerprint == CARD["reranker"]["fingerprint"]
     assert enc.preset == "sprc-small"
     # the tokenizer is the checkpoint's own and knows the world's words
     ids = enc.tokenizer(["make the circle red"]).input_ids[0].tolist()
@@ -83,6 +92,12 @@ def test_card_metrics_reproduced_by_cir_eval(card_world: Path, tmp_path: Path) -
     for name in ("image_only", "text_only"):
         for k, v in want["baselines"][name]["recall"].items():
             assert got["baselines"][name]["recall"][k] == pytest.approx(v, abs=0.003), (name, k)
+    # the committed re-ranker is picked up by default, and its figures are the card's too
+    want_rr = CARD["reranker"]["eval"]["test"]["rerank"]
+    assert got["rerank"]["k"] == want_rr["k"]
+    for k, v in want_rr["recall"].items():
+        assert got["rerank"]["recall"][k] == pytest.approx(v, abs=0.003), ("rerank", k)
+    assert got["rerank"]["recall"]["1"] > got["recall"]["1"]
     # what the card claims (MODEL_CARD.md): far above text-only, above image-only at R@50
     assert got["recall"]["10"] > got["baselines"]["text_only"]["recall"]["10"] + 0.2
     assert got["recall"]["50"] > got["baselines"]["image_only"]["recall"]["50"] + 0.1

@@ -16,6 +16,7 @@ from retrieval.data.shapes import ShapesConfig, generate
 from retrieval.encoder import Encoder
 from retrieval.evaluate import evaluate, format_table
 from retrieval.rerank import (
+    DEFAULT_RERANK_K,
     QueryFeatures,
     Reranker,
     RerankerConfig,
@@ -229,7 +230,7 @@ def test_encoder_guard_and_cli(world: Path, encoder_dir: Path, tmp_path: Path) -
         out = tmp_path / "eval.json"
         res = runner.invoke(app, [*base, "--json", str(out)])  # picked up from the folder
         assert res.exit_code == 0, res.output
-        assert json.loads(out.read_text())["rerank"]["k"] == 50
+        assert json.loads(out.read_text())["rerank"]["k"] == DEFAULT_RERANK_K
         res = runner.invoke(app, [*base, "--rerank", "0", "--json", str(out)])
         assert res.exit_code == 0 and "rerank" not in json.loads(out.read_text())
     finally:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from retrieval.rerank import DEFAULT_RERANK_K
 from server.app import BackgroundServer, StartupError
 from server.client import CIRClient
 from server.config import load_settings
@@ -108,9 +109,9 @@ def test_rerank_matches_the_offline_scorer_and_keeps_both_scores(world: dict[str
         assert [h.id for h in page.results[3:]] == [h.id for h in ten.results[8:10]]
         assert [h.rank for h in page.results] == [6, 7, 8, 9, 10]
 
-        # the server's default (50 > the gallery: everything re-ranked) and the batch path
+        # the server's default (20 >= the page: all re-ranked) and the batch path
         default = c.search(TEXT, reference_id=ref_id, top_k=8)
-        assert default.rerank_k == 50 and all(h.reranked for h in default.results)
+        assert default.rerank_k == DEFAULT_RERANK_K and all(h.reranked for h in default.results)
         batch = c.search_batch(
             [
                 {"text": TEXT, "reference_id": ref_id, "top_k": 5, "rerank_k": 8},
@@ -126,7 +127,8 @@ def test_rerank_matches_the_offline_scorer_and_keeps_both_scores(world: dict[str
 
         info = c.info()
         assert info.reranker.loaded and info.reranker.fingerprint == world["rr"].fingerprint
-        assert info.reranker.features == "targets" and info.reranker.default_rerank_k == 50
+        assert info.reranker.features == "targets"
+        assert info.reranker.default_rerank_k == DEFAULT_RERANK_K
         assert info.limits.max_rerank_k == 200
         with pytest.raises(InvalidArgumentError, match="rerank_k must be in"):
             c.search(TEXT, reference_id=ref_id, rerank_k=201)
