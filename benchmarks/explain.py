@@ -194,6 +194,8 @@ def main() -> None:
     point: dict[str, collections.Counter[str]] = {m: collections.Counter() for m in methods}
     point_n: collections.Counter[str] = collections.Counter()
     cell_chance: list[float] = []
+    on_object: collections.Counter[str] = collections.Counter()
+    occupied_chance: list[float] = []
     object_chance: list[float] = []
     deletion = {m: [0, 0] for m in CAM_METHODS}  # [wins, n]
     deletion_chance = [0, 0]
@@ -239,6 +241,9 @@ def main() -> None:
         object_chance.append(1.0 / len(scene))
         for m, values in maps.items():
             point[m][op["op"]] += int(peak(values) == grid_index(cell))
+            # any object of the scene: does the map find objects at all (vs the edited one)?
+            on_object[m] += int(peak(values) in {grid_index(o.cell) for o in scene})
+        occupied_chance.append(len(scene) / 9.0)
 
         # deletion on the candidate (the true target)
         occupied = [o.cell for o in parse_signature(t.extra["target_signature"])]
@@ -246,7 +251,8 @@ def main() -> None:
             values = e.variants[f"candidate/{m}"]
             flat = np.asarray(values).reshape(-1)
             top_patch = int(flat.argmax())
-            top_cell = next((c for c in range(9) if grid_index(c) == top_patch), top_patch)
+            r, c = divmod(top_patch, ex.cols)  # the cell the top patch lies in
+            top_cell = int(r * GRID / ex.rows) * GRID + int(c * GRID / ex.cols)
             others = [c for c in occupied if c != top_cell]
             if not others:
                 continue
@@ -292,6 +298,11 @@ def main() -> None:
         "pointing_n": dict(point_n),
         "pointing_chance_cell": statistics.mean(cell_chance) if cell_chance else 0.0,
         "pointing_chance_object": statistics.mean(object_chance) if object_chance else 0.0,
+        "peak_on_any_object": {
+            m: on_object[m] / max(1, n if m != "attention" else n - point_n["remove"])
+            for m in methods
+        },
+        "peak_on_any_object_chance": statistics.mean(occupied_chance) if occupied_chance else 0.0,
         "deletion": {m: w / max(1, k) for m, (w, k) in deletion.items()},
         "deletion_n": {m: k for m, (_, k) in deletion.items()},
         "deletion_chance": deletion_chance[0] / max(1, deletion_chance[1]),
@@ -325,6 +336,11 @@ def main() -> None:
             ("—" if m == "attention" and k == "remove" else f"{100 * r[k]:.1f} %") for k in types
         )
         print(f"| {label} | {100 * allv:.1f} % | {cells} |")
+    print(
+        "peaks on any object of the scene (not only the edited one): "
+        + ", ".join(f"{m} {100 * result['peak_on_any_object'][m]:.1f} %" for m in methods)
+        + f"; chance {100 * result['peak_on_any_object_chance']:.1f} %"
+    )
     print(
         f"\ndeletion (top cell painted lowers the score more than a random other occupied cell)"
         f"; chance {100 * result['deletion_chance']:.1f} % (n={deletion_chance[1]})"

@@ -333,3 +333,39 @@ def test_explain_admission_and_deadline(server: Any, gallery: Gallery) -> None:
             c.explain("make it red", gallery.ids[1], reference_id=gallery.ids[0], timeout=1e-3)
         # and the server still answers afterwards
         assert c.explain("make it red", gallery.ids[1], reference_id=gallery.ids[0]).words
+
+
+def test_faithfulness_benchmark_runs_and_reports_chance(tmp_path: Path) -> None:
+    """benchmarks/explain.py end to end at toy size: a small shapes world, the tiny preset."""
+    import json
+    import subprocess
+    import sys
+
+    from retrieval.data.shapes import ShapesConfig, generate
+
+    root = Path(__file__).resolve().parents[1]
+    world = tmp_path / "world"
+    generate(
+        ShapesConfig(seed=3, train=0, val=0, test=40, test_unseen=0, gallery=0, workers=1), world
+    )
+    out = tmp_path / "explain.json"
+    res = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "explain.py"), "--model", "tiny"]
+        + ["--data", str(world), "--limit", "14", "--batch", "5", "--latency-reps", "2"]
+        + ["--threads", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["triplets"] == 14
+    assert set(doc["pointing"]) == {"gradcam", "hirescam", "attention"}
+    assert 0.0 <= doc["pointing"]["hirescam"]["all"] <= 1.0
+    assert doc["pointing_chance_cell"] == pytest.approx(1 / 9)
+    assert 0.2 <= doc["pointing_chance_object"] <= 1.0
+    assert sum(doc["deletion_n"].values()) > 0 and 0.0 <= doc["words_chance"] <= 1.0
+    assert doc["latency_p50_ms"] > 0
+    for needle in ("chance: pointing 1/9", "| hirescam |", "deletion", "words", "latency p50"):
+        assert needle in res.stdout
