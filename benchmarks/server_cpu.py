@@ -43,6 +43,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per mode")
+    ap.add_argument(
+        "--min-requests",
+        type=int,
+        default=0,
+        help="measure each mode until at least this many requests completed (and --duration "
+        "passed): on a busy machine a fixed window can end before the first answer",
+    )
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=600.0,
+        help="give up on --min-requests after this many measured seconds per mode",
+    )
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
@@ -133,11 +146,19 @@ def _measure(
         kids = server.children(recursive=True)  # the search process, when there is one
         s0, k0 = _cpu([server]), _cpu(kids)
         c0, t0 = _cpu([me]), time.perf_counter()
-        r = asyncio.run(run(port, queries, args.concurrency, args.duration, 0.0, 10))
+        windows = [asyncio.run(run(port, queries, args.concurrency, args.duration, 0.0, 10))]
+        # more windows until enough requests completed: what is measured is never an empty
+        # window on a loaded machine (the QPS is then requests / measured time, as before)
+        while (
+            sum(w["requests"] for w in windows) < args.min_requests
+            and time.perf_counter() - t0 < args.max_seconds
+        ):
+            windows.append(asyncio.run(run(port, queries, args.concurrency, 1.0, 0.0, 10)))
         s1, k1 = _cpu([server]), _cpu(kids)
         c1, t1 = _cpu([me]), time.perf_counter()
     finally:
         bs.stop_server(proc)
+    r = _merge(windows, args.duration + 1.0 * (len(windows) - 1))
     n = max(1, r["requests"])
     srv = s1 - s0 + k1 - k0
     cli = c1 - c0
@@ -145,6 +166,7 @@ def _measure(
         "search_process": bool(opts.search_process),
         "child_processes": len(kids),
         "batching": batching,
+        "requests": r["requests"],
         "qps": round(r["qps"], 1),
         "mean_batch": round(r["mean_batch"], 1),
         "server_cpu_pct": round(100 * srv / (t1 - t0)),
@@ -154,6 +176,27 @@ def _measure(
         "client_cpu_ms_per_query": round(1000 * cli / n, 2),
         "errors": r["errors"],
         "stage_ms": r["stage_ms"],  # where a request's latency goes (server's own timings)
+    }
+
+
+def _merge(windows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """One result of several consecutive load windows: requests and errors summed, the mean
+    batch and stage times weighted by each window's requests, QPS over ``seconds``."""
+    n = sum(w["requests"] for w in windows)
+    errors: dict[str, int] = {}
+    for w in windows:
+        for k, v in w["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    stages: dict[str, float] = {}
+    for w in windows:
+        for k, v in w["stage_ms"].items():
+            stages[k] = stages.get(k, 0.0) + v * w["requests"] / max(n, 1)
+    return {
+        "requests": n,
+        "qps": n / seconds,
+        "mean_batch": sum(w["mean_batch"] * w["requests"] for w in windows) / max(n, 1),
+        "errors": errors,
+        "stage_ms": {k: round(v, 2) for k, v in stages.items()},
     }
 
 
