@@ -296,7 +296,8 @@ class RerankerModel(nn.Module):
         for blk, kv in zip(self.blocks, kvs, strict=True):
             x = blk(x, kv, bias)
         out = self.head(self.norm(x[:, :, 0])).squeeze(-1)  # [B, K]
-        return out + self.alpha * first_scores.to(out.dtype)
+        # float32 sum: under bf16 autocast the head's output is bf16, the first-stage term not
+        return out.float() + self.alpha * first_scores.float()
 
 
 # ------------------------------------------------------------------ features from the encoder
@@ -338,10 +339,15 @@ class RerankerError(ValueError):
 class Reranker:
     """A trained re-ranker with its config; device and dtype fixed at load."""
 
-    def __init__(self, model: RerankerModel, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, model: RerankerModel, device: str | torch.device = "cpu", bf16: bool | None = None
+    ) -> None:
         self.model = model.to(device).eval()
         self.config = model.config
         self.device = torch.device(device)
+        # bf16 autocast where the hardware has it (CUDA; CPUs with AVX512-BF16/AMX): 1.5-2.6x
+        # faster batches on this CPU at the same ranking (docs/rerank.md); weights stay fp32
+        self.bf16 = native_bf16(self.device) if bf16 is None else bf16
         digest = state_dict_digest(model.state_dict())
         blob = json.dumps(self.config.to_dict(), sort_keys=True) + digest
         self.fingerprint = (
@@ -349,7 +355,9 @@ class Reranker:
         )
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> Reranker:
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device = "cpu", bf16: bool | None = None
+    ) -> Reranker:
         folder = Path(folder)
         cfg_path, w_path = folder / "config.json", folder / "model.safetensors"
         if not cfg_path.is_file() or not w_path.is_file():
@@ -363,7 +371,7 @@ class Reranker:
             model.load_state_dict(state, strict=True)
         except Exception as exc:  # safetensors raises its own error type for a corrupt file
             raise RerankerError(f"cannot load the re-ranker in {folder}: {exc}") from exc
-        return cls(model, device)
+        return cls(model, device, bf16)
 
     def save_pretrained(
         self, folder: str | Path, weights_dtype: torch.dtype = torch.float16
@@ -391,12 +399,22 @@ class Reranker:
         self, feats: QueryFeatures, candidates: torch.Tensor, first_scores: torch.Tensor
     ) -> torch.Tensor:
         """[B, K] re-ranked scores (float32, on the CPU)."""
-        out = self.model(
-            feats.to(self.device, torch.float32),
-            candidates.to(self.device, torch.float32),
-            first_scores.to(self.device, torch.float32),
-        )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(
+                feats.to(self.device, torch.float32),
+                candidates.to(self.device, torch.float32),
+                first_scores.to(self.device, torch.float32),
+            )
         return out.float().cpu()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bfloat16 matmuls in hardware: CUDA, or a CPU with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return True
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def find_reranker(encoder_folder: str | Path) -> Path | None:
