@@ -445,3 +445,42 @@ def listwise_loss(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
     )
+
+
+class RerankPixelScorer:
+    """The re-ranker's score as a differentiable function of pixels and caption ids (the
+    ``retrieval.explain.PixelScorer`` protocol): what ``Explain`` explains when the server
+    re-ranks. Runs the images through ``model.vision_model`` and the caption through its word
+    embeddings, as the serving path does (first stage + re-ranker, float32, no autocast)."""
+
+    def __init__(self, model: Any, reranker: Reranker) -> None:
+        self.model = model  # the encoder's SPRCModel
+        self.reranker = reranker
+
+    def score_pixels(
+        self,
+        ref_pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cand_pixels: torch.Tensor,
+    ) -> torch.Tensor:
+        """[B, 3, S, S] x2 + [B, L] -> [B] re-ranked scores."""
+        m = self.model
+        img_r = m.image_features(ref_pixels)
+        img_c = m.image_features(cand_pixels)
+        states = m.fusion_states(img_r, input_ids, attention_mask)
+        q = m.query_len
+        prompt, text = states[:, :q], states[:, q:]
+        query = m.compose(prompt, input_ids, attention_mask)
+        targets = m.target_features(img_c)  # [B, Q, D]
+        first = torch.einsum("bd,bqd->bq", query.float(), targets.float()).amax(-1)
+        patches = self.reranker.config.features == "patches"
+        feats = QueryFeatures(
+            prompt.float(),
+            text.float(),
+            attention_mask.bool(),
+            (img_r if patches else m.target_features(img_r)).float(),
+            query.float(),
+        )
+        cand = (img_c if patches else targets).float()[:, None]  # one candidate per row
+        return self.reranker.model(feats, cand, first[:, None])[:, 0]

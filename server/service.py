@@ -771,8 +771,14 @@ class SearchService(pb_grpc.SearchServiceServicer):
 
         engine = self._engine
         if self._explainer is None or self._explainer.encoder is not engine.encoder:
-            # MaxSim, as Search ranks; a re-ranker plugs in as Explainer(..., scorer=...)
-            self._explainer = Explainer(engine.encoder)
+            # the score that ordered the results: the re-ranker's when the server re-ranks by
+            # default, else MaxSim
+            scorer = None
+            if engine.reranker is not None and engine.default_rerank_k > 0:
+                from retrieval.rerank import RerankPixelScorer
+
+                scorer = RerankPixelScorer(engine.encoder.model, engine.reranker)
+            self._explainer = Explainer(engine.encoder, scorer=scorer)
         ex = self._explainer
         e = ex.explain(reference, text, candidate, attention=False)
 

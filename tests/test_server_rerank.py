@@ -125,6 +125,12 @@ def test_rerank_matches_the_offline_scorer_and_keeps_both_scores(world: dict[str
         text_only = c.search(TEXT, top_k=3, rerank_k=8)
         assert text_only.rerank_k == 0 and not any(h.reranked for h in text_only.results)
 
+        # Explain explains the score that ordered the results: the re-ranker's
+        top = res.results[0]
+        why = c.explain(TEXT, candidate_id=top.id, reference_id=ref_id)
+        assert why.score == pytest.approx(top.score, rel=2e-2, abs=2e-2)
+        assert abs(why.score - top.first_stage_score) > 1e-3  # not the first stage's MaxSim
+
         info = c.info()
         assert info.reranker.loaded and info.reranker.fingerprint == world["rr"].fingerprint
         assert info.reranker.features == "targets"
