@@ -16,7 +16,6 @@ normal stop sweeps each child's group (the UI's streamlit, the server's search p
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -62,33 +60,26 @@ def _cir(*args: str) -> list[str]:
     return [sys.executable, "-m", "retrieval.cli", *args]
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _death_signal_setter() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (Linux), or None
-    where prctl is not available. libc is loaded here, before any fork."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
+#: Run as ``python -c LAUNCHER PARENT_PID CMD...``: ask Linux for SIGTERM when the parent dies
+#: (prctl PR_SET_PDEATHSIG, kept across execve), then become CMD. A launcher rather than a
+#: ``preexec_fn``: Python code between fork and exec is unsafe in a process with threads (gRPC's,
+#: after the health checks), and without it subprocess can use vfork/posix_spawn.
+_PDEATHSIG_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(143)  # the parent died before prctl: do not start an orphan\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
     """Start a child that dies with this process: a process group of its own (so that a stop
-    reaches its own children too) and SIGTERM when this process dies, even by SIGKILL."""
-    return subprocess.Popen(cmd, process_group=0, preexec_fn=_death_signal_setter())
+    reaches its own children too) and, on Linux, SIGTERM when this process dies, even by SIGKILL.
+    ``cmd[0]`` must be an absolute path (``sys.executable``)."""
+    if sys.platform.startswith("linux"):
+        cmd = [sys.executable, "-c", _PDEATHSIG_LAUNCHER, str(os.getpid()), *cmd]
+    return subprocess.Popen(cmd, process_group=0)
 
 
 def run_child(cmd: list[str]) -> None:

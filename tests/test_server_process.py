@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _inflight(metrics_port: int) -> float:
+    """The server's cir_inflight_requests gauge (RPCs being handled)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("cir_inflight_requests")
+    )
+
+
 def test_serve_sigterm_drains_in_flight(tmp_path: Path, encoder: Any) -> None:
     uri, ids = build_gallery(tmp_path, encoder, 12)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     cmd = [
         *CIR,
         "serve",
@@ -52,9 +64,12 @@ def test_serve_sigterm_drains_in_flight(tmp_path: Path, encoder: Any) -> None:
         "--port",
         str(port),
         "--metrics-port",
-        "0",
+        str(metrics_port),
+        # the 6 queries below wait for their batch long enough to be caught in flight however
+        # busy the machine is (a lone query is not sent at once either)
         "--max-wait-ms",
-        "400",
+        "5000",
+        "--no-adaptive-wait",
         "--max-batch",
         "64",
         "--log-format",
@@ -65,7 +80,7 @@ def test_serve_sigterm_drains_in_flight(tmp_path: Path, encoder: Any) -> None:
     )
     try:
         with CIRClient(f"127.0.0.1:{port}", timeout=20, retries=0) as c:
-            c.wait_ready(60)
+            c.wait_ready(600)  # loading takes a minute on a busy machine
             out = subprocess.run(
                 [*CIR, "search", "--server", f"127.0.0.1:{port}", "--id", ids[1], "--text",
                  "make it red", "--top-k", "3", "--json"],
@@ -81,7 +96,10 @@ def test_serve_sigterm_drains_in_flight(tmp_path: Path, encoder: Any) -> None:
             assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
             with ThreadPoolExecutor(6) as pool:
                 futs = [pool.submit(c.search, f"q{i}", None, ids[i], 2) for i in range(6)]
-                time.sleep(0.15)  # they now wait for their batch (400 ms)
+                deadline = time.monotonic() + 60
+                while _inflight(metrics_port) < 6 and time.monotonic() < deadline:
+                    time.sleep(0.05)  # until all 6 wait for their batch (behaviour, not timing)
+                assert _inflight(metrics_port) >= 6
                 proc.send_signal(signal.SIGTERM)
                 results = [f.result(20) for f in futs]
             assert all(len(r.results) == 2 for r in results)
