@@ -75,7 +75,12 @@ def main() -> None:
     bs = _bench_server()
     model, note = bs.pick_model(args.model)
     encoder = Encoder.from_pretrained(model)
-    name = bs.build_real_index(args.work_dir, args.size, encoder)
+    from retrieval.rerank import stores_patches
+
+    # the model folder's re-ranker (served by default) reads each point's stored ViT tokens
+    name = bs.build_real_index(
+        args.work_dir, args.size, encoder, patches=stores_patches(model, encoder.fingerprint)
+    )
     queries = bs.shapes_queries(args.data)
     opts = SimpleNamespace(
         max_batch=args.max_batch,
