@@ -51,7 +51,7 @@ demo-model: setup-python
 # split and mining once, then at most 55 min of training on 2 cores; the card gains the
 # first-stage-alone and re-ranked figures of one run.
 RERANK_THREADS ?= 2
-RERANK_FLAGS ?= --features patches --max-steps 2500 --batch-size 32 --negatives 15 --in-batch 8 \
+RERANK_FLAGS ?= --features patches --width 64 --max-steps 2500 --batch-size 32 --negatives 15 --in-batch 8 \
 	--mine-k 50 --lr 5e-4 --seed 0 --num-threads $(RERANK_THREADS) --val-every 1000 \
 	--time-budget-min 55
 demo-reranker: setup-python
