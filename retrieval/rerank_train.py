@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,13 @@ from retrieval.rerank import (
     listwise_loss,
     query_features,
 )
-from retrieval.train import ImageBank, _Normalise, _rng_state, _set_rng_state, lr_lambda
+from retrieval.train import (
+    ImageBank,
+    _Normalise,
+    load_training_state,
+    lr_lambda,
+    save_training_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -260,38 +265,22 @@ class RerankTrainer:
 
     # ---------------------------------------------------------------- state
     def save_checkpoint(self) -> None:
-        tmp = self.ckpt_dir.with_name("last.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "step": self.step,
-                "rng": _rng_state(),
-                "config": self.model.config.to_dict(),
-            },
-            tmp / "state.pt",
+        save_training_state(
+            self.ckpt_dir,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.step,
+            self.model.config.to_dict(),
         )
-        old = self.ckpt_dir.with_name("last.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.ckpt_dir.exists():
-            os.replace(self.ckpt_dir, old)
-        os.replace(tmp, self.ckpt_dir)
-        shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> bool:
-        path = self.ckpt_dir / "state.pt"
-        if not path.is_file():
+        step = load_training_state(
+            self.ckpt_dir, self.model, self.optimizer, self.scheduler, self.device
+        )
+        if step is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        _set_rng_state(state["rng"])
-        logger.info("resumed from %s at step %d", path, self.step)
+        self.step = step
         return True
 
     def _log(self, row: dict[str, Any]) -> None:

@@ -287,6 +287,58 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_training_state(
+    ckpt_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    config: dict[str, Any],
+) -> None:
+    """model + optimizer + scheduler + RNG + step into ``ckpt_dir/state.pt``, atomically (a
+    killed save leaves the previous checkpoint): exact resume for every trainer here."""
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "rng": _rng_state(),
+            "config": config,
+        },
+        tmp / "state.pt",
+    )
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(
+    ckpt_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    device: torch.device,
+) -> int | None:
+    """Restore what :func:`save_training_state` wrote (RNG included); the step, or None."""
+    path = ckpt_dir / "state.pt"
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    logger.info("resumed from %s at step %d", path, int(state["step"]))
+    return int(state["step"])
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -373,38 +425,22 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def save_checkpoint(self) -> None:
-        tmp = self.ckpt_dir.with_name("last.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "step": self.step,
-                "rng": _rng_state(),
-                "config": self.config.to_dict(),
-            },
-            tmp / "state.pt",
+        save_training_state(
+            self.ckpt_dir,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.step,
+            self.config.to_dict(),
         )
-        old = self.ckpt_dir.with_name("last.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.ckpt_dir.exists():
-            os.replace(self.ckpt_dir, old)
-        os.replace(tmp, self.ckpt_dir)
-        shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> bool:
-        path = self.ckpt_dir / "state.pt"
-        if not path.is_file():
+        step = load_training_state(
+            self.ckpt_dir, self.model, self.optimizer, self.scheduler, self.device
+        )
+        if step is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        _set_rng_state(state["rng"])
-        logger.info("resumed from %s at step %d", path, self.step)
+        self.step = step
         return True
 
     def _log(self, row: dict[str, Any]) -> None:
