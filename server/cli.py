@@ -249,6 +249,8 @@ def search_cmd(
             "request_id": res.request_id,
             "rerank_k": res.rerank_k,
             "reranker_fingerprint": res.reranker_fingerprint,
+            "searched_mode": res.searched_mode,
+            "mode_note": res.mode_note,
         }
         json.dump(out, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")

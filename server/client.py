@@ -47,7 +47,7 @@ from server.errors import (
     UnauthenticatedError,
     from_rpc_error,
 )
-from server.protoconv import KINDS, MODES, dict_to_struct, struct_to_dict
+from server.protoconv import KINDS, MODE_NAMES, MODES, dict_to_struct, struct_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class SearchResult:
     request_id: str = ""  # the server's id for this request (in its logs)
     rerank_k: int = 0  # candidates re-ranked (0: the first stage's order alone)
     reranker_fingerprint: str = ""  # the re-ranker that scored them
+    searched_mode: str = ""  # the mode that ran ("exact" when fast had no usable L), "" unknown
+    mode_note: str = ""  # why searched_mode is not the mode asked for, when that matters
 
 
 @dataclass(frozen=True)
@@ -390,6 +392,8 @@ class CIRClient:
             resp.request_id,
             int(resp.rerank_k),
             resp.reranker_fingerprint,
+            MODE_NAMES.get(int(resp.searched_mode), "") if resp.searched_mode else "",
+            resp.mode_note,
         )
 
     # -------------------------------------------------------------- RPCs

@@ -275,6 +275,11 @@ def test_served_guard_info_metrics_and_p50(tmp_path: Path, encoder: Any) -> None
         resp = stubs["on"].Search(req, timeout=30)
         assert resp.searched_mode == pb.SEARCH_MODE_EXACT
         assert "searched exactly" in resp.mode_note and "test" in resp.mode_note
+        from server.client import CIRClient
+
+        with CIRClient(on.target, timeout=30) as c:  # the typed client says so too
+            typed = c.search("make it red", top_k=10, mode="fast")
+        assert typed.searched_mode == "exact" and "searched exactly" in typed.mode_note
         assert stubs["on"].Info(pb.InfoRequest(), timeout=30).recall_guard.fast_l == 0
         for ch in chans:
             ch.close()
@@ -283,4 +288,4 @@ def test_served_guard_info_metrics_and_p50(tmp_path: Path, encoder: Any) -> None
         on.stop()
     # written at shutdown: the traffic of the guarded server
     arr = np.load(tmp_path / "b" / "gallery" / "traffic_queries.npy")
-    assert arr.shape == (161, encoder.dim)
+    assert arr.shape == (162, encoder.dim)  # 161 raw searches + the typed client's one
