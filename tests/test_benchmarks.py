@@ -173,3 +173,21 @@ def test_server_benchmark_rows_with_reranking_on_and_off(tmp_path: Path) -> None
         if r["requests"]:  # a 1 s window on a busy machine may end before an answer
             assert (r["stage_ms"]["rerank"] > 0) == (r["rerank_k"] > 0), r
     assert "rerank_k=10 adds" in res.stdout and "of no re-ranking" in res.stdout
+
+
+def test_rerank_benchmark_times_every_variant(tmp_path: Path) -> None:
+    """`benchmarks/rerank.py` times the committed re-ranker beside both feature sources at the
+    demo and the BLIP-2 size, and states the bytes per image each needs."""
+    out = tmp_path / "rerank.json"
+    res = _run("rerank.py", ["--k", "5,10", "--batch", "1", "--reps", "1"], out, timeout=600)
+    rows = json.loads(out.read_text())
+    names = {r["reranker"] for r in rows}
+    assert {"sprc-small targets (random)", "blip2-vitg patches (random)"} <= names
+    assert "demo (committed)" in names
+    for r in rows:
+        assert r["ms_per_call"] > 0 and r["k"] in (5, 10)
+        # targets are the index's own vectors; patches need T x C float16 per image
+        assert (r["new_bytes_per_image"] == 0) == (r["features"] == "targets")
+    big = next(r for r in rows if r["reranker"] == "blip2-vitg patches (random)")
+    assert big["new_bytes_per_image"] == 257 * 1408 * 2 and big["vit_gflops_per_candidate"] > 100
+    assert "| demo (committed) | patches |" in res.stdout
