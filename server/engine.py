@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.index.api import PATCHES_KEY
 from server.config import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 BATCH_THREADS_MIN = 4
 #: Payload keys that hold a thumbnail (never returned in payloads; served by GetImage).
 THUMBNAIL_KEYS = ("thumbnail", "thumbnail_b64", "thumbnail_path")
+#: Payload keys never returned to clients (computed once, not per hit).
+PRIVATE_KEYS = frozenset((*THUMBNAIL_KEYS, PATCHES_KEY))
 #: Payload keys that hold the original image's location, in order of preference.
 PATH_KEYS = ("path", "file", "uri", "source")
 #: Gallery browsing goes deeper than search pagination: exact scan, bounded by the index.
@@ -155,9 +158,7 @@ def sniff_mime(data: bytes) -> str:
 def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
     """A payload as clients see it (thumbnails are served by GetImage only; the re-ranker's
     stored ViT tokens are internal)."""
-    from retrieval.index.api import PATCHES_KEY
-
-    return {k: v for k, v in payload.items() if k not in THUMBNAIL_KEYS and k != PATCHES_KEY}
+    return {k: v for k, v in payload.items() if k not in PRIVATE_KEYS}
 
 
 def user_id_of(payload: dict[str, Any] | None) -> str:
