@@ -75,7 +75,7 @@ test-slow: setup
 lint: setup-python
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy retrieval indexer server frontend
+	$(BIN)/mypy retrieval indexer server frontend cir
 
 format: setup-python
 	$(BIN)/ruff format .

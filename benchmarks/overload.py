@@ -61,7 +61,7 @@ def start_server(model: str, work: Path, name: str, args: Any) -> tuple[Any, int
 
     port = free_port()
     cmd = [
-        sys.executable, "-c", "from retrieval.cli import main; main()", "--log-level", "WARNING",
+        sys.executable, "-c", "from cir.cli import main; main()", "--log-level", "WARNING",
         "serve", "--model", model, "--index", f"edge:{work}", "--name", name,
         "--port", str(port), "--metrics-port", "0", "--max-batch", str(args.max_batch),
         "--max-wait-ms", str(args.max_wait_ms), "--refresh-interval-s", "0",

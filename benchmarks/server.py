@@ -249,7 +249,7 @@ def start_server(
     cmd = [
         sys.executable,
         "-c",
-        "from retrieval.cli import main; main()",
+        "from cir.cli import main; main()",
         "--log-level",
         "WARNING",
         "serve",

@@ -59,7 +59,7 @@ def _start_demo(world: Path, log: Path, *extra: str) -> tuple[subprocess.Popen[b
     cmd = [
         sys.executable,
         "-m",
-        "retrieval.cli",
+        "cir.cli",
         "demo",
         "--data",
         str(world),
@@ -210,7 +210,7 @@ def test_manifest_paths_are_absolute_for_a_relative_data_dir(
 ) -> None:
     # `cir demo` defaults to the relative data/shapes; the indexer resolves manifest paths
     # against the manifest's folder, so relative paths would point at data/shapes/data/shapes
-    from retrieval.demo import write_manifest
+    from cir.demo import write_manifest
 
     monkeypatch.chdir(world.parent)
     manifest = write_manifest(Path(world.name), tmp_path / "manifest.jsonl")

@@ -70,7 +70,7 @@ def test_card_metrics_reproduced_by_cir_eval(card_world: Path, tmp_path: Path) -
         [
             sys.executable,
             "-m",
-            "retrieval.cli",
+            "cir.cli",
             "eval",
             "--model",
             str(MODEL),

@@ -276,7 +276,7 @@ def test_explain_errors(client: Any, server: Any, gallery: Gallery) -> None:
 def test_cir_explain_cli(server: Any, gallery: Gallery, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from retrieval.cli import app
+    from cir.cli import app
 
     runner = CliRunner()
     base = ["explain", "--server", server.target, "--api-key", "k-explain"]

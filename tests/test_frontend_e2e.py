@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from helpers_server import CHROMIUM, CHROMIUM_ARGS, Gallery, build_gallery, free_port, start_server
 
-from retrieval.demo import wait_http
+from cir.demo import wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"

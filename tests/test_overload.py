@@ -31,7 +31,7 @@ from server.testing import build_gallery, free_port, render_images
 torch = pytest.importorskip("torch")
 grpc = pytest.importorskip("grpc")
 
-CIR = [sys.executable, "-c", "from retrieval.cli import main; main()"]
+CIR = [sys.executable, "-c", "from cir.cli import main; main()"]
 REPO = Path(__file__).resolve().parents[1]
 #: what an overloaded server may answer a well-formed search (docs/api.md)
 OVERLOAD_CODES = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}

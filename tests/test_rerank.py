@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from cir.cli import app
 from retrieval.data.shapes import ShapesConfig, generate
 from retrieval.encoder import Encoder
 from retrieval.evaluate import evaluate, format_table

@@ -39,7 +39,7 @@ def _ignore_sigint() -> None:
 
 
 def _start(world: Path, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "retrieval.cli", "demo", "--data", str(world), "--index",
+    cmd = [sys.executable, "-m", "cir.cli", "demo", "--data", str(world), "--index",
            f"edge:{world / 'index'}", "--grpc-port", str(free_port()), "--ui-port",
            str(free_port())]  # fmt: skip
     with log.open("wb") as fh:

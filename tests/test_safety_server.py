@@ -15,7 +15,7 @@ from helpers_server import build_gallery, start_server
 
 from server.client import CIRClient, CIRError
 
-CIR = [sys.executable, "-m", "retrieval.cli"]
+CIR = [sys.executable, "-m", "cir.cli"]
 
 
 def test_serve_refuses_random_weight_presets(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from server.testing import build_gallery, free_port
 
 torch = pytest.importorskip("torch")
 
-CIR = [sys.executable, "-c", "from retrieval.cli import main; main()"]
+CIR = [sys.executable, "-c", "from cir.cli import main; main()"]
 
 
 @pytest.fixture(scope="module")

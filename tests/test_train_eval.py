@@ -224,7 +224,7 @@ def test_caption_loss_training_uses_scene_captions(world: Path, tmp_path: Path) 
 def test_train_cli_reports_bad_options_without_a_traceback(world: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from retrieval.cli import app
+    from cir.cli import app
 
     args = ["train", "--data", str(world), "--out", str(tmp_path / "r"), "--init", "tiny"]
     res = CliRunner().invoke(app, [*args, "--batch-size", "100000", "--max-steps", "1"])
@@ -438,7 +438,7 @@ def test_training_with_rendered_hard_negatives(world: Path, tmp_path: Path) -> N
     # Flags reach the trainer from the CLI; a world without scene signatures is refused clearly.
     from typer.testing import CliRunner
 
-    from retrieval.cli import app
+    from cir.cli import app
 
     plain = tmp_path / "plain"
     plain.mkdir()

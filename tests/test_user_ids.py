@@ -111,7 +111,7 @@ def test_manifest_id_column_default_explicit_and_errors(tmp_path: Path) -> None:
 
 
 def test_cli_build_with_a_clash_exits_2_and_writes_nothing(tmp_path: Path) -> None:
-    from retrieval.cli import app
+    from cir.cli import app
 
     write_images(tmp_path / "imgs", 2)
     m = write_manifest(
@@ -205,7 +205,7 @@ def test_build_from_a_manifest_with_ids(tmp_path: Path, enc: Any) -> None:
     assert got["g000001"]["relpath"] == "imgs/img0001.png"
     assert got["g000001"]["gallery_id"] == "g000001"  # the column stays in the payload too
     # cir demo reuses an index only when it knows the images by their gallery ids
-    from retrieval.demo import index_is_current
+    from cir.demo import index_is_current
 
     assert index_is_current(f"edge:{ix}", "g", enc.fingerprint, 3)
     build(cfg(m, tmp_path / "by-path"), encoder=enc)  # no id column: ids are the paths
@@ -277,7 +277,7 @@ def test_search_by_user_id_and_results_carry_it(served: dict[str, Any]) -> None:
 
 
 def test_cir_search_by_user_id_text_only_and_top_k_zero(served: dict[str, Any]) -> None:
-    from retrieval.cli import app
+    from cir.cli import app
 
     runner = CliRunner()
     base = ["search", "--server", served["target"], "--timeout", "30"]

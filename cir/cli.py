@@ -1,6 +1,7 @@
 """The `cir` console command.
 
-Each package owns its subcommands and exposes ``register(app)``; heavy imports (torch,
+It sits above every package (docs/architecture.md): each package owns its subcommands and
+exposes ``register(app)``, and only this module assembles them. Heavy imports (torch,
 grpc, streamlit) happen inside the commands so ``cir --help`` stays fast.
 """
 
@@ -32,10 +33,10 @@ def _root(
 
 
 def _register_all() -> None:
+    from cir import demo
     from frontend import cli as frontend_cli
     from indexer import cli as indexer_cli
     from retrieval import commands as retrieval_commands
-    from retrieval import demo
     from server import cli as server_cli
 
     for mod in (retrieval_commands, indexer_cli, server_cli, frontend_cli, demo):

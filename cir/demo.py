@@ -58,7 +58,7 @@ class DemoConfig:
 
 
 def _cir(*args: str) -> list[str]:
-    return [sys.executable, "-m", "retrieval.cli", *args]
+    return [sys.executable, "-m", "cir.cli", *args]
 
 
 #: Run as ``python -c LAUNCHER PARENT_PID CMD...``: ask Linux for SIGTERM when the parent dies
