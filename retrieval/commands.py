@@ -52,6 +52,11 @@ def train_cmd(
         "--reference-negatives/--no-reference-negatives",
         help="Use the reference images as extra negatives (the unedited scene).",
     ),
+    recipe: str = typer.Option(
+        "shapes",
+        help="World recipe that --caption-loss and --hard-negatives use "
+        "(retrieval/data/recipes.py).",
+    ),
     caption_loss: float = typer.Option(
         0.0,
         help="Weight of the BLIP-2 stage-1 image-caption ITC on whole-scene captions "
@@ -100,10 +105,14 @@ def train_cmd(
     w = tuple(float(x) for x in loss_weights.split(","))
     if len(w) != 3:
         raise typer.BadParameter("--loss-weights needs three numbers: itc,rtc,align")
-    from retrieval.train import parse_hard_negative_kinds
+    from retrieval.data.recipes import get_recipe
 
     try:
-        parse_hard_negative_kinds(hard_negative_kinds, 1)
+        world = get_recipe(recipe)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--recipe") from None
+    try:
+        world.parse_hard_negative_kinds(hard_negative_kinds, 1)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--hard-negative-kinds") from None
     cfg = TrainConfig(
@@ -120,6 +129,7 @@ def train_cmd(
         train_vit=train_vit,  # type: ignore[arg-type]
         group_by_reference=group_by_reference,
         reference_negatives=reference_negatives,
+        recipe=recipe,
         caption_loss=caption_loss,
         hard_negatives=hard_negatives,
         hard_negative_kinds=hard_negative_kinds,

@@ -154,14 +154,79 @@ PRESETS: dict[str, SPRCConfig] = {
 }
 
 
-def get_config(name_or_path: str | Path) -> SPRCConfig:
-    """A preset by name, or a JSON config file / checkpoint folder."""
+# ------------------------------------------------ "preset name or folder": the one rule
+# (retrieval.model_source re-exports it; docs/architecture.md states it)
+#: The committed demo model (trained): the default of ``cir index build`` and ``cir serve``.
+DEFAULT_MODEL = "models/sprc-shapes"
+_REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (editable install)
+
+
+PRESET_SCHEME = "preset:"  # an explicit preset name (random weights)
+FOLDER_SCHEME = "local-dir:"  # an explicit checkpoint folder / config file
+
+
+class UnknownModelError(FileNotFoundError, ValueError):
+    """Neither an existing folder/file nor a preset name. Both a FileNotFoundError (what the
+    Encoder raised for a missing folder) and a ValueError (what ``get_config`` raised)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model string means (``parse_model_source``)."""
+
+    kind: str  # "preset" (random weights of PRESETS[ref]) | "path" (a folder or config file)
+    ref: str  # the preset name, or the path (scheme stripped, default model resolved)
+
+    @property
+    def is_preset(self) -> bool:
+        return self.kind == "preset"
+
+
+def _unknown(key: str) -> UnknownModelError:
+    return UnknownModelError(
+        f"unknown preset or model folder {key!r}: no folder or file of that name here; "
+        f"presets: {', '.join(PRESETS)} (explicit forms: {PRESET_SCHEME}NAME, {FOLDER_SCHEME}PATH)"
+    )
+
+
+def parse_model_source(name_or_path: str | Path) -> ModelSource:
+    """The one "preset name or folder" rule (see the module docstring); UnknownModelError."""
     key = str(name_or_path)
-    if key in PRESETS:
-        return PRESETS[key].replace(extra={})
-    p = Path(key)
+    if key.startswith(PRESET_SCHEME):
+        name = key[len(PRESET_SCHEME) :]
+        if name not in PRESETS:
+            raise _unknown(key)
+        return ModelSource("preset", name)
+    explicit = key.startswith(FOLDER_SCHEME)
+    path = resolve_model(key[len(FOLDER_SCHEME) :] if explicit else key)
+    if Path(path).exists():
+        return ModelSource("path", path)
+    if not explicit and key in PRESETS:
+        return ModelSource("preset", key)
+    raise _unknown(key)
+
+
+def resolve_model(name_or_path: str | Path) -> str:
+    """``name_or_path`` as given (a ``local-dir:`` scheme stripped), except the default
+    ``models/sprc-shapes``, which is also found in the repository of this checkout when the
+    command runs from another directory."""
+    key = str(name_or_path)
+    if key.startswith(FOLDER_SCHEME):
+        key = key[len(FOLDER_SCHEME) :]
+    if key == DEFAULT_MODEL and not Path(key).is_dir() and (_REPO_ROOT / key).is_dir():
+        return str(_REPO_ROOT / key)
+    return key
+
+
+def get_config(name_or_path: str | Path) -> SPRCConfig:
+    """A preset by name, or a JSON config file / checkpoint folder (``parse_model_source``'s
+    rule: an existing path wins over a preset of the same name; ``preset:``/``local-dir:``)."""
+    src = parse_model_source(name_or_path)
+    if src.is_preset:
+        return PRESETS[src.ref].replace(extra={})
+    p = Path(src.ref)
     if p.is_dir():
         p = p / "config.json"
     if p.is_file():
         return SPRCConfig.load(p)
-    raise ValueError(f"unknown preset or config file {key!r}; presets: {', '.join(PRESETS)}")
+    raise UnknownModelError(f"{src.ref} holds no config.json (not a checkpoint folder)")

@@ -26,8 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from retrieval.config import PRESETS, SPRCConfig, get_config
-from retrieval.model_source import is_untrained_preset, resolve_model
+from retrieval.config import SPRCConfig, get_config, parse_model_source
 from retrieval.modeling_sprc import SPRCModel
 from retrieval.preprocess import ImagePreprocessor
 from retrieval.tokenization import QFormerTokenizer
@@ -187,23 +186,21 @@ class Encoder:
         num_threads: int | None = None,
         seed: int = 0,
     ) -> Encoder:
-        """A checkpoint folder, or a preset name (random weights, seeded)."""
+        """A checkpoint folder, or a preset name (random weights, seeded): which one by
+        ``retrieval.config.parse_model_source`` (``preset:NAME``, ``local-dir:PATH``, or a bare
+        string where an existing folder wins over a preset name)."""
         set_threads(num_threads)
-        key = resolve_model(name_or_path)
-        folder = Path(key)
-        if is_untrained_preset(key):
-            config = get_config(key)
+        src = parse_model_source(name_or_path)  # the one rule; UnknownModelError otherwise
+        if src.is_preset:
+            config = get_config(f"preset:{src.ref}")
             model = build_model(config, seed=seed)
             tokenizer = QFormerTokenizer.builtin(max_length=config.max_text_len)
             if len(tokenizer) > config.vocab_size:
                 raise ValueError("builtin vocabulary larger than the preset's vocab_size")
             enc = cls(model, tokenizer, device=device, dtype=dtype)
-            enc.untrained, enc.source = True, f"preset {key} (random weights)"
+            enc.untrained, enc.source = True, f"preset {src.ref} (random weights)"
             return enc
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"no checkpoint folder or preset named {key!r} (presets: {', '.join(PRESETS)})"
-            )
+        folder = Path(src.ref)
         for name in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME):
             if not (folder / name).is_file():
                 raise FileNotFoundError(

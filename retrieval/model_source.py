@@ -1,22 +1,32 @@
 """Which model a command uses: a checkpoint folder (trained weights) or a preset name (random
-weights), made explicit in one place, without importing torch (CLI defaults read it).
+weights), decided in one place (``parse_model_source``) for the Encoder, ``get_config`` and the
+trainer, without importing torch (CLI defaults read it).
 
-The rule (``is_untrained_preset``): an existing folder is always a checkpoint, even one named
-like a preset; a bare preset name that is not an existing folder means RANDOM weights
-(``Encoder.from_pretrained`` builds the preset's architecture, seeded). Commands that build or
-serve an index refuse random weights unless ``--allow-untrained`` (``check_trained``): their
-results look like results but mean nothing.
+The rule, explicit schemes first (as open_clip's ``hf-hub:`` / ``local-dir:``):
+
+* ``preset:NAME``     the preset NAME (random weights), even where a folder NAME exists;
+* ``local-dir:PATH``  the checkpoint folder (or, for ``get_config``, config file) PATH;
+* a bare string: an existing folder or file wins (also the default ``models/sprc-shapes`` of
+  this checkout when run from elsewhere), else a preset name, else ``UnknownModelError``.
+
+A preset means RANDOM weights (``Encoder.from_pretrained`` builds the preset's architecture,
+seeded). Commands that build or serve an index refuse random weights unless
+``--allow-untrained`` (``check_trained``): their results look like results but mean nothing.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from retrieval.config import PRESETS
-
-#: The committed demo model (trained): the default of ``cir index build`` and ``cir serve``.
-DEFAULT_MODEL = "models/sprc-shapes"
-_REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (editable install)
+from retrieval.config import (  # the rule lives next to PRESETS (get_config uses it too)
+    DEFAULT_MODEL,
+    FOLDER_SCHEME,
+    PRESET_SCHEME,
+    ModelSource,
+    UnknownModelError,
+    parse_model_source,
+    resolve_model,
+)
 
 
 class UntrainedModelError(ValueError):
@@ -25,18 +35,12 @@ class UntrainedModelError(ValueError):
 
 def is_untrained_preset(name_or_path: str | Path) -> bool:
     """True when ``Encoder.from_pretrained(name_or_path)`` builds RANDOM weights: a preset name
-    that is not an existing folder (a folder always wins, even one named like a preset)."""
-    key = str(name_or_path)
-    return key in PRESETS and not Path(key).is_dir()
-
-
-def resolve_model(name_or_path: str | Path) -> str:
-    """``name_or_path`` as given, except the default ``models/sprc-shapes``, which is also found
-    in the repository of this checkout when the command runs from another directory."""
-    key = str(name_or_path)
-    if key == DEFAULT_MODEL and not Path(key).is_dir() and (_REPO_ROOT / key).is_dir():
-        return str(_REPO_ROOT / key)
-    return key
+    that is not an existing folder (a folder always wins, even one named like a preset), or an
+    explicit ``preset:NAME``. Never raises (an unknown name is not a preset)."""
+    try:
+        return parse_model_source(name_or_path).is_preset
+    except UnknownModelError:
+        return False
 
 
 def check_trained(name_or_path: str | Path, allow_untrained: bool, what: str) -> None:
@@ -49,3 +53,17 @@ def check_trained(name_or_path: str | Path, allow_untrained: bool, what: str) ->
         f"name here): its results would mean nothing. Give a trained checkpoint folder (default "
         f"{DEFAULT_MODEL}), or pass --allow-untrained for a test or benchmark."
     )
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "FOLDER_SCHEME",
+    "PRESET_SCHEME",
+    "ModelSource",
+    "UnknownModelError",
+    "UntrainedModelError",
+    "check_trained",
+    "is_untrained_preset",
+    "parse_model_source",
+    "resolve_model",
+]

@@ -104,7 +104,7 @@ class SPRCModel(nn.Module):
         if impl not in ("eager", "sdpa"):
             raise ValueError(f"attention implementation must be 'eager' or 'sdpa', got {impl!r}")
         for module in (self.vision_model, self.qformer):
-            module.config._attn_implementation = impl
+            module.set_attn_implementation(impl)  # transformers' public API (PreTrainedModel)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()

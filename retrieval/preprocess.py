@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.config import SPRCConfig
+from retrieval.config import CLIP_MEAN, CLIP_STD, SPRCConfig
 from retrieval.imageio import to_rgb
 
 
@@ -20,8 +20,8 @@ from retrieval.imageio import to_rgb
 class ImagePreprocessor:
     size: int  # output side in pixels (the model's image_size)
     target_pad_ratio: float = 1.25  # pad to square only when max/min side >= this (SPRC TargetPad)
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP mean
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)  # CLIP std
+    mean: tuple[float, float, float] = CLIP_MEAN  # per-channel mean (retrieval.config's home)
+    std: tuple[float, float, float] = CLIP_STD  # per-channel std
 
     def target_pad(self, image: Image.Image) -> Image.Image:
         w, h = image.size
@@ -60,6 +60,12 @@ class ImagePreprocessor:
         """[N, 3, S, S] float32."""
         return torch.stack([self(im) for im in images])
 
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> uint8 [3, S, S] after TargetPad + resize + crop (no normalisation: the
+        training banks keep pixels as uint8 and normalise per batch, see BatchNormaliser)."""
+        im = self.resize_crop(self.target_pad(image))
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
+
     @classmethod
     def from_config(cls, config: SPRCConfig) -> ImagePreprocessor:
         return cls(
@@ -78,3 +84,15 @@ class ImagePreprocessor:
             "resize": "bicubic-shorter-side",
             "crop": "center",
         }
+
+
+class BatchNormaliser:
+    """uint8 pixels [N, 3, S, S] -> the encoder's normalised float input (per batch, not per
+    image): what ``ImagePreprocessor.__call__`` does after its crop, on many images at once."""
+
+    def __init__(self, pre: ImagePreprocessor) -> None:
+        self.mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float() / 255.0 - self.mean) / self.std

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from retrieval.data.triplets import load_triplets
 from retrieval.encoder import Encoder, resolve_device, set_threads
+from retrieval.preprocess import BatchNormaliser
 from retrieval.rerank import (
     FEATURE_SOURCES,
     QueryFeatures,
@@ -46,7 +47,6 @@ from retrieval.rerank import (
 )
 from retrieval.train import (
     ImageBank,
-    _Normalise,
     load_training_state,
     lr_lambda,
     save_training_state,
@@ -126,7 +126,7 @@ def compute_features(
     pre = encoder.preprocessor
     paths = sorted({t.reference for t in triplets} | {t.target for t in triplets})
     bank = ImageBank(data_dir, paths, pre)
-    norm = _Normalise(pre)
+    norm = BatchNormaliser(pre)
     n = len(paths)
     q, d = encoder.num_queries, encoder.dim
     pool_targets = torch.empty((n, q, d), dtype=torch.float16)

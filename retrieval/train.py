@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retrieval.config import get_config
+from retrieval.config import get_config, parse_model_source
+from retrieval.data.recipes import HardNegatives, get_recipe
 from retrieval.data.triplets import load_triplets, resolve_path
 from retrieval.encoder import Encoder, build_model, resolve_device, set_threads
 from retrieval.imageio import decode_image
-from retrieval.preprocess import ImagePreprocessor
+from retrieval.preprocess import BatchNormaliser, ImagePreprocessor
 from retrieval.tokenization import QFormerTokenizer
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class TrainConfig:
     group_by_reference: bool = False  # batches keep a reference's triplets together: its other
     # edits become in-batch hard negatives (same scene, different caption); SPRC shuffles
     reference_negatives: bool = False  # references (encoded as targets) as extra negatives
+    recipe: str = "shapes"  # the world recipe (retrieval/data/recipes.py) that caption_loss
+    # and hard_negatives ask for scene captions and rendered distractors
     caption_loss: float = 0.0  # weight of BLIP-2 stage-1 image-caption ITC on whole-scene
     # captions (shapes worlds: from the scene signatures); 0 = SPRC losses only
     hard_negatives: int = 0  # shapes worlds: render this many one-attribute distractors of
@@ -82,183 +85,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _uint8_chw(encoder_pre: Any, image: Any) -> torch.Tensor:
-    """PIL image -> uint8 [3, S, S] after the encoder's TargetPad + resize + crop."""
-    im = encoder_pre.resize_crop(encoder_pre.target_pad(image))
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
-
-
-class _Normalise:
-    """uint8 pixels -> the encoder's normalised float input (per batch, not per image)."""
-
-    def __init__(self, encoder_pre: Any) -> None:
-        self.mean = torch.tensor(encoder_pre.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(encoder_pre.std).view(1, 3, 1, 1)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels.float() / 255.0 - self.mean) / self.std
-
-
-class _AnyOf:
-    """Membership in any of several sets, without copying them into one."""
-
-    def __init__(self, *sets: set[str]) -> None:
-        self.sets = sets
-
-    def __contains__(self, item: object) -> bool:
-        return any(item in s for s in self.sets)
-
-
 class ImageBank:
     """Every train image decoded once into uint8 [M, 3, S, S] (TargetPad + resize + crop);
     normalisation happens per batch. 64 px renders: ~12 KB each."""
 
-    def __init__(self, data_dir: Path, paths: list[str], encoder_pre: Any) -> None:
+    def __init__(self, data_dir: Path, paths: list[str], encoder_pre: ImagePreprocessor) -> None:
         self.index = {p: i for i, p in enumerate(paths)}
         s = encoder_pre.size
         self.data = torch.empty((len(paths), 3, s, s), dtype=torch.uint8)
         for i, p in enumerate(tqdm(paths, desc="loading images", unit="img", mininterval=2)):
-            self.data[i] = _uint8_chw(encoder_pre, decode_image(resolve_path(data_dir, p)))
-        self.normalise = _Normalise(encoder_pre)
+            self.data[i] = encoder_pre.to_uint8(decode_image(resolve_path(data_dir, p)))
+        self.normalise = BatchNormaliser(encoder_pre)
 
     def batch(self, paths: list[str]) -> torch.Tensor:
         idx = torch.tensor([self.index[p] for p in paths])
         return self.normalise(self.data[idx])
-
-
-def scene_captions(triplets: list[Any]) -> dict[str, str]:
-    """Whole-image captions for every reference and target, from the scene signatures that
-    the shapes generator records in each triplet's ``extra``."""
-    from retrieval.data.shapes import describe_scene, parse_signature
-
-    out: dict[str, str] = {}
-    for t in triplets:
-        for path, key in ((t.reference, "reference_signature"), (t.target, "target_signature")):
-            sig = (t.extra or {}).get(key)
-            if sig is None:
-                raise ValueError(
-                    f"--caption-loss needs scene signatures in the triplets' extra ({key}); "
-                    f"{path} has none (only shapes worlds carry them)"
-                )
-            out[path] = describe_scene(parse_signature(sig))
-    return out
-
-
-class HardNegativeBank:
-    """``k`` one-attribute distractors of every train triplet's target, rendered once and kept
-    as uint8 [N, k, 3, S, S] like :class:`ImageBank`; ``valid`` [N, k] is False where the target
-    has none (an empty scene). Deterministic in (seed, triplet index). Distractors never use a
-    held-out (shape, colour) pair and never equal a gallery scene, so test_unseen stays unseen
-    and no eval image is ever trained on, even as a negative; nor a train image's scene."""
-
-    def __init__(
-        self,
-        data_dir: Path,
-        triplets: list[Any],
-        k: int,
-        encoder_pre: Any,
-        seed: int,
-        kinds: str = "any",
-    ) -> None:
-        from retrieval.data.shapes import render_scene
-
-        slots = parse_hard_negative_kinds(kinds, k)
-        meta_path = data_dir / "meta.json"
-        if not meta_path.is_file():
-            raise ValueError(f"--hard-negatives needs a shapes world (no {meta_path})")
-        meta = json.loads(meta_path.read_text())
-        size = int(meta["image_size"])
-        heldout = {(s, c) for s, c in (x.split("-", 1) for x in meta.get("heldout_combos", []))}
-        exclude: set[str] = set()
-        gallery = data_dir / "gallery.jsonl"
-        if gallery.is_file():
-            for line in gallery.read_text().splitlines():
-                if line.strip():
-                    sig = (json.loads(line).get("metadata") or {}).get("signature")
-                    if sig is not None:
-                        exclude.add(sig)
-        # Nor any train image's scene: a distractor equal to a batch-mate's target or reference
-        # (e.g. the reference itself, one edit away) would be a false negative.
-        for t in triplets:
-            for key in ("reference_signature", "target_signature"):
-                sig = (t.extra or {}).get(key)
-                if sig is not None:
-                    exclude.add(sig)
-        s = encoder_pre.size
-        self.k = k
-        self.data = torch.zeros((len(triplets), k, 3, s, s), dtype=torch.uint8)
-        self.valid = torch.zeros((len(triplets), k), dtype=torch.bool)
-        for i, t in enumerate(tqdm(triplets, desc="hard negatives", unit="img", mininterval=2)):
-            sig = (t.extra or {}).get("target_signature")
-            if sig is None:
-                raise ValueError(
-                    f"--hard-negatives needs scene signatures in the triplets' extra "
-                    f"(target_signature); {t.target} has none (only shapes worlds carry them)"
-                )
-            for j, neg in enumerate(self.scenes(t, i, k, seed, heldout, exclude, slots)):
-                self.data[i, j] = _uint8_chw(
-                    encoder_pre, render_scene(neg, size, (seed, 7919, i, j))
-                )
-                self.valid[i, j] = True
-        self.normalise = _Normalise(encoder_pre)
-        logger.info("hard negatives: %d of %d rendered", int(self.valid.sum()), self.valid.numel())
-
-    @staticmethod
-    def scenes(
-        triplet: Any,
-        i: int,
-        k: int,
-        seed: int,
-        heldout: set[tuple[str, str]],
-        exclude: set[str],
-        kinds: list[tuple[str, ...]] | None = None,
-    ) -> list[Any]:
-        """Up to ``k`` distinct distractor scenes of triplet ``i``'s target (fewer if none);
-        the j-th changes one of ``kinds[j]`` (default: any attribute)."""
-        from retrieval.data.shapes import (
-            DISTRACTOR_KINDS,
-            hard_negative,
-            parse_signature,
-            signature,
-        )
-
-        sig = triplet.extra["target_signature"]
-        scene = parse_signature(sig)
-        rng = random.Random(f"{seed}:hard-negative:{i}")
-        seen = {sig}
-        out = []
-        for j in range(k):
-            kind = kinds[j] if kinds else DISTRACTOR_KINDS
-            neg = hard_negative(rng, scene, heldout, _AnyOf(exclude, seen), kinds=kind)
-            if neg is None:
-                break
-            seen.add(signature(neg))
-            out.append(neg)
-        return out
-
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels [len(indices) * k, 3, S, S] (normalised) and their validity mask."""
-        idx = torch.tensor(indices)
-        return self.normalise(self.data[idx].flatten(0, 1)), self.valid[idx].flatten()
-
-
-def parse_hard_negative_kinds(spec: str, k: int) -> list[tuple[str, ...]]:
-    """``"cell,any"`` -> the attribute kinds each of ``k`` distractor slots may change (the
-    last entry repeats); ValueError naming the bad part."""
-    from retrieval.data.shapes import DISTRACTOR_KINDS
-
-    parts = [p.strip() for p in spec.split(",") if p.strip()] or ["any"]
-    slots = []
-    for p in parts:
-        kinds = DISTRACTOR_KINDS if p == "any" else tuple(x.strip() for x in p.split("+"))
-        bad = [x for x in kinds if x not in DISTRACTOR_KINDS]
-        if bad:
-            raise ValueError(
-                f"hard negative kinds {spec!r}: unknown {bad}; use 'any' or "
-                f"'+'-joined kinds of {', '.join(DISTRACTOR_KINDS)}, comma-separated per slot"
-            )
-        slots.append(kinds)
-    return [slots[min(j, len(slots) - 1)] for j in range(k)]
 
 
 def lr_lambda(step: int, total: int, warmup: float) -> float:
@@ -351,11 +192,11 @@ class Trainer:
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
 
-        init = Path(cfg.init)
-        if init.is_dir():
-            base = Encoder.from_pretrained(init)
+        init = parse_model_source(cfg.init)  # the one rule: an existing folder wins
+        if not init.is_preset and Path(init.ref).is_dir():
+            base = Encoder.from_pretrained(f"local-dir:{init.ref}")
             self.model, self.tokenizer = base.model, base.tokenizer
-        else:
+        else:  # a preset or a config.json file: from scratch
             config = get_config(cfg.init)
             self.model = build_model(config, seed=cfg.seed)
             self.tokenizer = QFormerTokenizer.builtin(max_length=config.max_text_len)
@@ -392,14 +233,14 @@ class Trainer:
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, triplet order) cache
         self.scene_captions: dict[str, str] = {}
         if cfg.caption_loss > 0:
-            self.scene_captions = scene_captions(triplets)
+            self.scene_captions = get_recipe(cfg.recipe).scene_captions(triplets)
         pre = ImagePreprocessor.from_config(self.config)
         self.bank_pre = pre
         paths = sorted({t.reference for t in triplets} | {t.target for t in triplets if t.target})
         self.bank = ImageBank(data_dir, paths, pre)
-        self.hard_bank: HardNegativeBank | None = None
+        self.hard_bank: HardNegatives | None = None
         if cfg.hard_negatives > 0:
-            self.hard_bank = HardNegativeBank(
+            self.hard_bank = get_recipe(cfg.recipe).hard_negatives(
                 data_dir, triplets, cfg.hard_negatives, pre, cfg.seed, cfg.hard_negative_kinds
             )
         self.steps_per_epoch = len(triplets) // cfg.batch_size

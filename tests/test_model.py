@@ -378,3 +378,37 @@ def test_fingerprint_tracks_weights_config_preprocessing_and_vocab() -> None:
     assert with_config(image_mean=(0.5, 0.5, 0.5)) != base  # preprocessing
     other_vocab = QFormerTokenizer({**tok.vocab, "zebra": len(tok.vocab)})
     assert Encoder(copy.deepcopy(model), other_vocab).fingerprint != base
+
+
+def test_preset_or_folder_is_one_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rule for Encoder, get_config and the trainer (retrieval.config.parse_model_source):
+    explicit schemes first, then an existing folder wins over a preset name, else a preset, else
+    a clear error."""
+    from retrieval.config import UnknownModelError, parse_model_source
+    from retrieval.encoder import Encoder
+    from retrieval.model_source import is_untrained_preset
+
+    monkeypatch.chdir(tmp_path)
+    assert parse_model_source("tiny").is_preset and parse_model_source("preset:tiny").is_preset
+    assert get_config("tiny") == get_config("preset:tiny")
+    # a folder named like a preset wins, for every caller; preset: still reaches the preset
+    enc = Encoder.from_pretrained("tiny", seed=3)
+    assert enc.untrained
+    enc.save_pretrained(tmp_path / "tiny")
+    src = parse_model_source("tiny")
+    assert not src.is_preset and src.ref == "tiny"
+    assert not is_untrained_preset("tiny") and is_untrained_preset("preset:tiny")
+    loaded = Encoder.from_pretrained("tiny")
+    assert not loaded.untrained and loaded.fingerprint == enc.fingerprint
+    assert Encoder.from_pretrained("local-dir:tiny").fingerprint == enc.fingerprint
+    assert Encoder.from_pretrained("preset:tiny").untrained
+    assert get_config("tiny") == get_config("local-dir:tiny") == enc.config
+    # neither a path nor a preset: one error type, both a FileNotFoundError and a ValueError
+    for bad in ("no-such-model", "preset:no-such-preset", "local-dir:tiny-missing"):
+        with pytest.raises(UnknownModelError, match="unknown preset or model folder"):
+            parse_model_source(bad)
+        assert not is_untrained_preset(bad)
+    with pytest.raises(FileNotFoundError):
+        Encoder.from_pretrained("no-such-model")
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_config("no-such-model")

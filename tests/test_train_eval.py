@@ -202,8 +202,8 @@ def test_reference_negatives_and_caption_loss_shapes() -> None:
 
 
 def test_caption_loss_training_uses_scene_captions(world: Path, tmp_path: Path) -> None:
+    from retrieval.data.recipes import scene_captions
     from retrieval.data.shapes import describe_scene, parse_signature
-    from retrieval.train import scene_captions
 
     scene = parse_signature("4:red-circle-L|0:blue-square-S")
     assert describe_scene(scene) == "small blue square top left, big red circle centre"
@@ -308,8 +308,8 @@ def test_hard_negative_scenes_change_one_attribute() -> None:
 def test_hard_negative_kinds_choose_what_changes(world: Path) -> None:
     import random
 
+    from retrieval.data.recipes import HardNegativeBank, parse_hard_negative_kinds
     from retrieval.data.shapes import hard_negative, parse_signature
-    from retrieval.train import HardNegativeBank, parse_hard_negative_kinds
 
     scene = parse_signature("0:red-circle-L|4:blue-square-S|8:green-cross-L")
     for kinds in (("cell",), ("color", "size")):
@@ -402,8 +402,8 @@ def test_hard_negatives_are_masked_extra_columns() -> None:
 
 
 def test_training_with_rendered_hard_negatives(world: Path, tmp_path: Path) -> None:
+    from retrieval.data.recipes import HardNegativeBank
     from retrieval.data.shapes import parse_signature, signature
-    from retrieval.train import HardNegativeBank
 
     tr = Trainer(
         _cfg(world, tmp_path / "h", max_steps=4, hard_negatives=2, caption_loss=1.0, save_every=0)
