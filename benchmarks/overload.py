@@ -57,7 +57,7 @@ def _bench_server() -> Any:
 
 def start_server(model: str, work: Path, name: str, args: Any) -> tuple[Any, int]:
     from server.client import CIRClient
-    from server.testing import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     cmd = [

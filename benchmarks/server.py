@@ -203,7 +203,7 @@ def _calibration_of(work: Path, name: str) -> dict[str, Any] | None:
 
 def query_images(encoder: Any, count: int = 32) -> list[tuple[bytes, str]]:
     """Random query images (JPEG) with generic texts, for the synthetic galleries."""
-    from server.testing import render_images
+    from tests.helpers import render_images
 
     out = []
     side = max(64, int(encoder.image_size))
@@ -236,15 +236,11 @@ def calibration_queries(data: Path, encoder: Any, skip: int, count: int) -> np.n
     return encoder.encode_queries(images, [t.caption for t in rows])
 
 
-def free_port() -> int:
-    from server.testing import free_port as fp
-
-    return fp()
-
-
 def start_server(
     model: str, work: Path, name: str, batching: bool, args: Any, dtype: str = "float32"
 ) -> tuple[Any, int]:
+    from tests.helpers import free_port
+
     port = free_port()
     cmd = [
         sys.executable,

@@ -33,7 +33,6 @@ from frontend.gateway import (
     InfoView,
     UIError,
     payload_for_display,
-    thumbnail_from_payload,
 )
 from frontend.state import (
     MAX_UPLOAD_PIXELS,
@@ -414,18 +413,14 @@ def run_pending(gw: Gateway) -> None:
 
 
 # ---------------------------------------------------------------------------- rendering
-def show_image(
-    gw: Gateway, image_id: str, payload: dict[str, Any] | None = None, width: Any = "stretch"
-) -> None:
-    """A gallery thumbnail through GetImage (cached), else the payload's, else a note."""
-    data: bytes | None
+def show_image(gw: Gateway, image_id: str, width: Any = "stretch") -> None:
+    """A gallery thumbnail through GetImage (cached), else a note (the server never sends
+    thumbnails in payloads: GetImage is the one source)."""
     try:
         data, _mime = _image(gw.settings.server, image_id, "thumbnail", gw)
     except UIError as err:
-        data = thumbnail_from_payload(payload or {})
-        if data is None:
-            st.caption(f"(no preview: {err.kind.replace('_', ' ')})")
-            return
+        st.caption(f"(no preview: {err.kind.replace('_', ' ')})")
+        return
     st.image(data, width=width)
 
 
@@ -631,7 +626,7 @@ def render_pickers(gw: Gateway, settings: UISettings, info: InfoView | None) -> 
                         picked = _is_picked(ref, item)
                         box = col.container(key="gal_picked" if picked else None)
                         with box:
-                            show_image(gw, item.id, item.payload)
+                            show_image(gw, item.id)
                             st.caption(f"**✓ {item.label}**" if picked else item.label)
                             st.button(
                                 "Picked" if picked else "Pick",
@@ -707,7 +702,7 @@ def render_results(gw: Gateway, info: InfoView | None) -> None:
             with col, st.container(border=True, key=f"card_{hit.rank}"):
                 marker = st.container(key=f"isref_{hit.rank}") if is_ref else st.container()
                 with marker:
-                    show_image(gw, hit.id, hit.payload)
+                    show_image(gw, hit.id)
                 line = f"**#{hit.rank}** · score `{hit.score:.4f}`"
                 st.markdown(line + (" · :blue-badge[the reference]" if is_ref else ""))
                 st.caption(hit.label)

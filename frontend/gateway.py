@@ -8,14 +8,15 @@ gRPC, so the UI process stays free of torch.
 
 from __future__ import annotations
 
-import base64
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from frontend.config import UISettings
+
+if TYPE_CHECKING:  # the client's types (importing it at run time loads grpc)
+    from server.client import SearchResult, ServerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -126,19 +127,8 @@ _MESSAGES: dict[str, str] = {
     "other": "Unexpected error from the search server: {details}",
 }
 
-# class name in server.client -> kind (matched by name so a renamed/added class degrades to "other")
-_CLASS_KINDS: dict[str, ErrorKind] = {
-    "ServerUnavailableError": "unavailable",
-    "UnavailableError": "unavailable",
-    "UnauthenticatedError": "unauthenticated",
-    "PermissionDeniedError": "unauthenticated",
-    "InvalidArgumentError": "invalid",
-    "NotFoundError": "not_found",
-    "DeadlineExceededError": "timeout",
-    "ResourceExhaustedError": "busy",
-    "FailedPreconditionError": "mismatch",
-}
-# grpc.StatusCode names -> kind (for errors that only carry a .code)
+# the client's error code (``CIRError.code.name``) -> kind; every failure of the typed client is
+# a ``server.client_errors.CIRError``, anything else is "other"
 _CODE_KINDS: dict[str, ErrorKind] = {
     "UNAVAILABLE": "unavailable",
     "UNAUTHENTICATED": "unauthenticated",
@@ -153,35 +143,18 @@ _CODE_KINDS: dict[str, ErrorKind] = {
 
 
 def classify(exc: BaseException) -> ErrorKind:
-    """The UI error kind of an exception from the client (or from grpc directly)."""
-    for klass in type(exc).__mro__:
-        kind = _CLASS_KINDS.get(klass.__name__)
-        if kind:
-            return kind
-    code = getattr(exc, "code", None)
-    if callable(code):  # grpc.RpcError exposes code() as a method
-        try:
-            code = code()
-        except Exception:  # noqa: BLE001 - a broken error object must not break the page
-            code = None
-    name = getattr(code, "name", code)
-    if isinstance(name, str) and name.upper() in _CODE_KINDS:
-        return _CODE_KINDS[name.upper()]
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, ConnectionError):
-        return "unavailable"
-    return "other"
+    """The UI error kind of an exception from the client: by its status code alone."""
+    from server.client_errors import CIRError  # grpc only; keeps the first paint light
+
+    if not isinstance(exc, CIRError):
+        return "other"
+    return _CODE_KINDS.get(exc.code.name, "other")
 
 
 def _details(exc: BaseException) -> str:
-    details = getattr(exc, "details", None)
-    if callable(details):
-        try:
-            details = details()
-        except Exception:  # noqa: BLE001
-            details = None
-    text = str(details) if details else str(exc)
+    from server.client_errors import CIRError
+
+    text = exc.details if isinstance(exc, CIRError) and exc.details else str(exc)
     return text.strip() or type(exc).__name__
 
 
@@ -279,12 +252,7 @@ class Gateway:
 
     def get_image(self, image_id: str, kind: str = "thumbnail") -> tuple[bytes, str]:
         def call() -> tuple[bytes, str]:
-            res = self.client.get_image(image_id, kind=kind)
-            if isinstance(res, tuple):
-                data, mime = res[0], (res[1] if len(res) > 1 else "")
-            else:  # an object with .data / .mime_type
-                data = getattr(res, "data", b"")
-                mime = getattr(res, "mime_type", "") or getattr(res, "mime", "")
+            data, mime = self.client.get_image(image_id, kind=kind)
             return bytes(data), str(mime or "application/octet-stream")
 
         return self._guard(call)
@@ -293,146 +261,64 @@ class Gateway:
         self, page_size: int, offset: int = 0, random_seed: int | None = None
     ) -> GalleryPage:
         def call() -> GalleryPage:
-            res = self.client.list_images(
+            page = self.client.list_images(
                 page_size=page_size, offset=offset, random_seed=random_seed
             )
-            if isinstance(res, tuple):
-                items, next_offset, total = (list(res) + [None, None, 0])[:3]
-            else:
-                items = getattr(res, "items", [])
-                next_offset = getattr(res, "next_offset", None)
-                total = getattr(res, "total", 0)
             return GalleryPage(
-                items=[_gallery_item(i) for i in items or []],
-                next_offset=None if next_offset is None else int(next_offset),
-                total=int(total or 0),
+                items=[GalleryItem(id=i.id, payload=dict(i.payload)) for i in page.items],
+                next_offset=page.next_offset,
+                total=int(page.total),
             )
 
         return self._guard(call)
 
 
 # ---------------------------------------------------------------------------------- converters
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    """First present attribute/key among ``names`` (walks dotted paths)."""
-    for name in names:
-        cur = obj
-        ok = True
-        for part in name.split("."):
-            if isinstance(cur, Mapping) and part in cur:
-                cur = cur[part]
-            elif not isinstance(cur, Mapping) and hasattr(cur, part):
-                cur = getattr(cur, part)
-            else:
-                ok = False
-                break
-        if ok and cur is not None:
-            return cur
-    return default
+# from the typed client's dataclasses (server.client: ServerInfo, SearchResult)
+def _positive(value: int, default: int) -> int:
+    """``value`` when the server set it (> 0), else the UI's default."""
+    return int(value) if value and value > 0 else default
 
 
-def _int(value: Any, default: int) -> int:
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        return default
-    return v if v > 0 else default
-
-
-def _plain(value: Any) -> Any:
-    """Struct-ish payload values -> plain JSON (whole floats from protobuf Struct become ints)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if (
-        isinstance(value, float)
-        and math.isfinite(value)
-        and value.is_integer()
-        and abs(value) < 2**53
-    ):
-        return int(value)
-    return value
-
-
-def _payload(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        try:  # a protobuf Struct
-            from google.protobuf.json_format import MessageToDict
-
-            raw = MessageToDict(raw)
-        except Exception:  # noqa: BLE001
-            return {}
-    return {str(k): _plain(v) for k, v in raw.items()}
-
-
-def _info_view(info: Any) -> InfoView:
-    fields_raw = _get(info, "filterable_fields", "index.filterable_fields", "fields", default={})
-    fields = {str(k): str(v) for k, v in dict(fields_raw).items() if str(v) in FIELD_TYPES}
-    modes = _get(info, "modes", "search_modes", default=None)
+def _info_view(info: ServerInfo) -> InfoView:
+    idx, lim = info.index, info.limits
     return InfoView(
-        preset=str(_get(info, "model.preset", "preset", "model", default="") or ""),
-        fingerprint=str(_get(info, "model.fingerprint", "encoder_fingerprint", default="")),
-        index_name=str(_get(info, "index.name", "index_name", default="")),
-        index_version=str(_get(info, "index.version", "index_version", default="")),
-        index_count=_int(_get(info, "index.count", "index_size", "count", default=0), 0),
-        backend=str(_get(info, "index.backend", "backend", default="")),
-        fields=fields,
-        max_top_k=_int(_get(info, "limits.max_top_k", "max_top_k"), 100),
-        max_offset=_int(_get(info, "limits.max_offset", "max_offset"), 10_000),
-        max_text_chars=_int(_get(info, "limits.max_text_chars", "max_text_chars"), 0),
-        max_image_bytes=_int(_get(info, "limits.max_image_bytes", "max_image_bytes"), 0),
-        max_image_pixels=_int(_get(info, "limits.max_image_pixels", "max_image_pixels"), 0),
-        max_page_size=_int(_get(info, "limits.max_page_size", "max_page_size"), 100),
-        server_version=str(_get(info, "server_version", default="")),
-        modes=tuple(str(m) for m in modes) if modes else DEFAULT_MODES,
-        reranker=str(_get(info, "reranker.fingerprint", default="") or ""),
-        default_rerank_k=_int(_get(info, "reranker.default_rerank_k", default=0), 0),
+        preset=info.model.preset,
+        fingerprint=info.model.fingerprint,
+        index_name=idx.name,
+        index_version=idx.version,
+        index_count=max(0, int(idx.count)),
+        backend=idx.backend,
+        fields={k: v for k, v in idx.filterable_fields.items() if v in FIELD_TYPES},
+        max_top_k=_positive(lim.max_top_k, 100),
+        max_offset=_positive(lim.max_offset, 10_000),
+        max_text_chars=_positive(lim.max_text_chars, 0),
+        max_image_bytes=_positive(lim.max_image_bytes, 0),
+        max_image_pixels=_positive(lim.max_image_pixels, 0),
+        max_page_size=_positive(lim.max_page_size, 100),
+        server_version=info.server_version,
+        reranker=info.reranker.fingerprint,
+        default_rerank_k=_positive(info.reranker.default_rerank_k, 0),
     )
 
 
-def _search_view(res: Any, offset: int) -> SearchView:
-    raw_hits = _get(res, "results", "hits", default=[])
-    hits = []
-    for pos, h in enumerate(raw_hits):
-        rank = _int(_get(h, "rank", default=0), offset + pos + 1)
-        payload = _payload(_get(h, "payload", default=None))
-        user_id = _get(h, "user_id", default="") or payload.get("user_id") or ""
-        score = float(_get(h, "score", default=0.0))
-        reranked = bool(_get(h, "reranked", default=False))
-        hits.append(
-            HitView(
-                id=str(_get(h, "id", default="")),
-                score=score,
-                rank=rank,
-                payload=payload,
-                user_id=str(user_id),
-                first_stage_score=float(_get(h, "first_stage_score", default=score))
-                if reranked
-                else score,
-                reranked=reranked,
-            )
+def _search_view(res: SearchResult, offset: int) -> SearchView:
+    hits = [
+        HitView(
+            id=h.id,
+            score=float(h.score),
+            rank=h.rank if h.rank > 0 else offset + pos + 1,
+            payload=dict(h.payload),
+            user_id=h.user_id,
+            first_stage_score=float(h.first_stage_score) if h.reranked else float(h.score),
+            reranked=bool(h.reranked),
         )
-    timings_raw = _get(res, "timings", default={})
-    timings: dict[str, float] = {}
-    if isinstance(timings_raw, Mapping):
-        items: list[tuple[Any, Any]] = list(timings_raw.items())
-    else:  # a Timings message
-        items = [(k, getattr(timings_raw, k)) for k in dir(timings_raw) if k.endswith("_ms")]
-    for k, v in items:
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            timings[str(k)] = float(v)
+        for pos, h in enumerate(res.results)
+    ]
     return SearchView(
-        hits=hits, index_version=str(_get(res, "index_version", default="")), timings=timings
-    )
-
-
-def _gallery_item(item: Any) -> GalleryItem:
-    if isinstance(item, str):
-        return GalleryItem(id=item)
-    return GalleryItem(
-        id=str(_get(item, "id", default="")), payload=_payload(_get(item, "payload", default=None))
+        hits=hits,
+        index_version=res.index_version,
+        timings={k: float(v) for k, v in res.timings.items()},
     )
 
 
@@ -446,14 +332,3 @@ def payload_for_display(payload: Mapping[str, Any], max_chars: int = 200) -> dic
             v = v[:max_chars] + f"... ({len(v)} chars)"
         out[k] = v
     return out
-
-
-def thumbnail_from_payload(payload: Mapping[str, Any]) -> bytes | None:
-    """Decode a base64 ``thumbnail`` payload field (fallback when GetImage fails)."""
-    raw = payload.get("thumbnail")
-    if not isinstance(raw, str) or not raw:
-        return None
-    try:
-        return base64.b64decode(raw, validate=False)
-    except (ValueError, TypeError):
-        return None

@@ -11,7 +11,7 @@
 Every call has a deadline (``timeout`` seconds, per call or the client default) that covers
 all retries. UNAVAILABLE and RESOURCE_EXHAUSTED are retried (``retries`` times) with
 exponential backoff, honouring the server's ``retry-after-ms`` hint. Failures raise a
-:class:`~server.errors.CIRError` subclass with ``.code`` and ``.details``.
+:class:`~server.client_errors.CIRError` subclass (re-exported here) with ``.code`` and ``.details``.
 Thread-safe: one client can be shared (e.g. by Streamlit sessions).
 """
 
@@ -37,9 +37,10 @@ from tenacity import (
 
 from server._generated.cir.v1 import search_pb2 as pb
 from server._generated.cir.v1 import search_pb2_grpc as pb_grpc
-from server.errors import (
+from server.client_errors import (
     CIRError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -619,6 +620,7 @@ __all__ = [
     "CIRError",
     "DeadlineExceededError",
     "Explanation",
+    "FailedPreconditionError",
     "Heatmap",
     "Hit",
     "ImageItem",

@@ -22,6 +22,7 @@ import numpy as np
 
 from retrieval.index.api import PATCHES_KEY
 from server.config import ServerSettings
+from server.errors import RequestError, to_request_error
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +35,6 @@ PRIVATE_KEYS = frozenset((*THUMBNAIL_KEYS, PATCHES_KEY))
 #: Payload keys that hold the original image's location, in order of preference.
 PATH_KEYS = ("path", "file", "uri", "source")
 #: Gallery browsing goes deeper than search pagination: exact scan, bounded by the index.
-
-
-class RequestError(Exception):
-    """A request the server must refuse; ``code`` is a ``grpc.StatusCode`` name."""
-
-    def __init__(self, code: str, message: str, retry_after_ms: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after_ms = retry_after_ms
 
 
 @dataclass
@@ -541,13 +532,7 @@ class Engine:
         self, vectors: np.ndarray, queries: list[Query]
     ) -> tuple[list[list[Any] | RequestError], str, float]:
         """Hits per query (or the error for that query's group), the version, search ms."""
-        from retrieval.index import (
-            GalleryIndexError,
-            IndexNotFoundError,
-            IndexUnavailableError,
-            InvalidFilterError,
-            InvalidQueryError,
-        )
+        from retrieval.index import GalleryIndexError
 
         t0 = time.perf_counter()
         groups: dict[tuple[Any, ...], list[int]] = {}
@@ -556,9 +541,8 @@ class Engine:
         results: list[list[Any] | RequestError] = [[] for _ in queries]
         try:  # a read through the search process like any other: its death is UNAVAILABLE
             version = self.version
-        except (IndexUnavailableError, IndexNotFoundError) as exc:
-            err = RequestError("UNAVAILABLE", f"index unavailable: {exc}")
-            return [err] * len(queries), "", (time.perf_counter() - t0) * 1000.0
+        except GalleryIndexError as exc:  # mapped by the one table (server/errors.py)
+            return [to_request_error(exc)] * len(queries), "", (time.perf_counter() - t0) * 1000.0
         modes = ["exact"] * len(queries)
         for idx in groups.values():
             q = queries[idx[0]]
@@ -583,19 +567,12 @@ class Engine:
                     hits = self.index.search_batch(vectors[idx], top_k, offset, q.filter, mode)
                 for i, h in zip(idx, hits, strict=True):
                     results[i] = h
-            except (InvalidFilterError, InvalidQueryError) as exc:
+            except GalleryIndexError as exc:  # mapped by the one table (server/errors.py)
+                err = to_request_error(exc)
+                if err.code == "INTERNAL":
+                    logger.exception("index search failed")
                 for i in idx:
-                    results[i] = RequestError("INVALID_ARGUMENT", str(exc))
-            except IndexUnavailableError as exc:
-                for i in idx:
-                    results[i] = RequestError("UNAVAILABLE", f"index unavailable: {exc}")
-            except IndexNotFoundError as exc:
-                for i in idx:
-                    results[i] = RequestError("UNAVAILABLE", f"index not found: {exc}")
-            except GalleryIndexError as exc:
-                logger.exception("index search failed")
-                for i in idx:
-                    results[i] = RequestError("INTERNAL", f"index error: {exc}")
+                    results[i] = err
         ms = (time.perf_counter() - t0) * 1000.0
         if self.guard is not None:  # keeps the vectors, queues a sample: no index call here
             self.guard.observe(version, vectors, queries, results, modes)
@@ -608,7 +585,7 @@ class Engine:
         model call), then their page. Runs in the inference thread. Returns ms."""
         import torch
 
-        from retrieval.index import GalleryIndexError, IndexNotFoundError, IndexUnavailableError
+        from retrieval.index import GalleryIndexError
 
         todo = [
             i
@@ -623,14 +600,12 @@ class Engine:
         ids = sorted({h.id for i in todo for h in windows[i]})
         try:
             tokens = self.candidate_features(ids)
-        except (IndexUnavailableError, IndexNotFoundError) as exc:
+        except GalleryIndexError as exc:  # mapped by the one table (server/errors.py)
+            err = to_request_error(exc)
+            if err.code == "INTERNAL":
+                logger.exception("fetching re-rank candidates failed")
             for i in todo:
-                results[i] = RequestError("UNAVAILABLE", f"index unavailable: {exc}")
-            return (time.perf_counter() - t0) * 1000.0
-        except GalleryIndexError as exc:
-            logger.exception("fetching re-rank candidates failed")
-            for i in todo:
-                results[i] = RequestError("INTERNAL", f"index error: {exc}")
+                results[i] = err
             return (time.perf_counter() - t0) * 1000.0
         k = max(len(w) for w in windows.values())
         cfg = self.reranker.config

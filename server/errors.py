@@ -1,113 +1,110 @@
-"""Client-side exceptions: one class per gRPC status code a caller may want to handle."""
+"""The server's one error table: every exception an RPC can meet -> its gRPC status code.
+
+The RPC wrapper (:func:`server.service.rpc`) and the engine's per-query results both go through
+:func:`status_of`, so a type is mapped in one place only. Lookup walks the exception's MRO, so a
+subclass listed here wins over its base (``InvalidFilterError`` over ``GalleryIndexError``), and
+anything not listed is INTERNAL (its text stays in the server's log, never in the reply).
+
+The table is documented, row by row, in docs/api.md ("Errors"); tests/test_server_errors.py
+checks every row end to end.
+
+The client's side (``CIRError`` and its subclasses per status code) is
+:mod:`server.client_errors`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import grpc
 
+from retrieval.index.errors import (
+    GalleryIndexError,
+    IndexInUseError,
+    IndexNotFoundError,
+    IndexUnavailableError,
+    InvalidFilterError,
+    InvalidQueryError,
+    ModelMismatchError,
+)
+from server.batching import BatcherClosedError, DeadlineUnmeetableError, QueueFullError
 
-class CIRError(Exception):
-    """A failed call. ``code``: the ``grpc.StatusCode``; ``details``: the server's message;
-    ``retry_after_ms``: the server's hint on RESOURCE_EXHAUSTED; ``request_id``: for logs."""
 
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        *,
-        retry_after_ms: float | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        super().__init__(f"{code.name}: {details}")
+class RequestError(Exception):
+    """A request the server must refuse; ``code`` is a ``grpc.StatusCode`` name."""
+
+    def __init__(self, code: str, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
         self.code = code
-        self.details = details
+        self.message = message
         self.retry_after_ms = retry_after_ms
-        self.request_id = request_id
 
 
-class ServerUnavailableError(CIRError):
-    """UNAVAILABLE: server down, not ready, shutting down, or index backend unreachable."""
+@dataclass(frozen=True)
+class Status:
+    """What a client receives for one exception."""
+
+    code: grpc.StatusCode
+    message: str
+    retry_after_ms: int | None = None
 
 
-class UnauthenticatedError(CIRError):
-    """UNAUTHENTICATED / PERMISSION_DENIED: missing or wrong API key."""
-
-
-class InvalidArgumentError(CIRError):
-    """INVALID_ARGUMENT (bad image/text/top_k/offset/filter) or OUT_OF_RANGE."""
-
-
-class NotFoundError(CIRError):
-    """NOT_FOUND: unknown gallery id, or the original image file is gone."""
-
-
-class DeadlineExceededError(CIRError):
-    """DEADLINE_EXCEEDED: the call's deadline passed."""
-
-
-class ResourceExhaustedError(CIRError):
-    """RESOURCE_EXHAUSTED: the server's queue is full (see ``retry_after_ms``) or a message is
-    too large."""
-
-
-class FailedPreconditionError(CIRError):
-    """FAILED_PRECONDITION: e.g. the index was built by another model."""
-
-
-_BY_CODE: dict[grpc.StatusCode, type[CIRError]] = {
-    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
-    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
-    grpc.StatusCode.PERMISSION_DENIED: UnauthenticatedError,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+#: exception type -> (status code, prefix of the message sent to the client)
+TABLE: dict[type[BaseException], tuple[grpc.StatusCode, str]] = {
+    InvalidFilterError: (grpc.StatusCode.INVALID_ARGUMENT, ""),
+    InvalidQueryError: (grpc.StatusCode.INVALID_ARGUMENT, ""),
+    IndexNotFoundError: (grpc.StatusCode.NOT_FOUND, "index not found: "),
+    IndexInUseError: (grpc.StatusCode.FAILED_PRECONDITION, "index in use: "),
+    ModelMismatchError: (grpc.StatusCode.FAILED_PRECONDITION, "index and model differ: "),
+    IndexUnavailableError: (grpc.StatusCode.UNAVAILABLE, "index unavailable: "),
+    GalleryIndexError: (grpc.StatusCode.INTERNAL, "index error: "),
+    QueueFullError: (grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    BatcherClosedError: (grpc.StatusCode.UNAVAILABLE, ""),
+    DeadlineUnmeetableError: (grpc.StatusCode.DEADLINE_EXCEEDED, ""),
 }
 
 
-def _metadata_value(md: Any, key: str) -> str | None:
-    for item in md or ():
-        k, v = item[0], item[1]
-        if k == key:
-            return v.decode() if isinstance(v, bytes) else str(v)
+def lookup(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The table's row for ``exc`` (its most specific listed type), or None."""
+    for klass in type(exc).__mro__:
+        row = TABLE.get(klass)
+        if row is not None:
+            return row
     return None
 
 
-def from_rpc_error(exc: grpc.RpcError) -> CIRError:
-    """The matching ``CIRError`` subclass for a ``grpc.RpcError`` (a ``grpc.Call``)."""
-    code_fn = getattr(exc, "code", None)
-    code = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
-    details_fn = getattr(exc, "details", None)
-    details = (details_fn() if callable(details_fn) else None) or str(exc)
-    trailing_fn = getattr(exc, "trailing_metadata", None)
-    trailing = trailing_fn() if callable(trailing_fn) else None
-    retry = _metadata_value(trailing, "retry-after-ms")
-    retry_ms: float | None = None
-    if retry is not None:
-        try:
-            retry_ms = float(retry)
-        except ValueError:
-            retry_ms = None
-    cls = _BY_CODE.get(code, CIRError)
-    return cls(
-        code,
-        details,
-        retry_after_ms=retry_ms,
-        request_id=_metadata_value(trailing, "x-request-id"),
-    )
+def status_of(exc: BaseException, internal_message: str = "internal error") -> Status:
+    """The status a client gets for ``exc``: a :class:`RequestError`'s own code, a listed type's
+    row, else INTERNAL with ``internal_message`` (an unlisted exception's text is not sent)."""
+    if isinstance(exc, RequestError):
+        return Status(grpc.StatusCode[exc.code], exc.message, exc.retry_after_ms)
+    row = lookup(exc)
+    if row is None:
+        return Status(grpc.StatusCode.INTERNAL, internal_message)
+    code, prefix = row
+    retry = exc.retry_after_ms if isinstance(exc, QueueFullError) else None
+    return Status(code, f"{prefix}{exc}", None if retry is None else int(retry))
+
+
+def to_request_error(exc: BaseException, internal_message: str = "internal error") -> RequestError:
+    """``exc`` as the :class:`RequestError` a client will receive (per-query results)."""
+    if isinstance(exc, RequestError):
+        return exc
+    st = status_of(exc, internal_message)
+    return RequestError(st.code.name, st.message, st.retry_after_ms)
+
+
+def is_mapped(exc: BaseException) -> bool:
+    """True when the table (or a RequestError) decides ``exc``'s code; False: INTERNAL."""
+    return isinstance(exc, RequestError) or lookup(exc) is not None
 
 
 __all__ = [
-    "CIRError",
-    "DeadlineExceededError",
-    "FailedPreconditionError",
-    "InvalidArgumentError",
-    "NotFoundError",
-    "ResourceExhaustedError",
-    "ServerUnavailableError",
-    "UnauthenticatedError",
-    "from_rpc_error",
+    "TABLE",
+    "RequestError",
+    "Status",
+    "is_mapped",
+    "lookup",
+    "status_of",
+    "to_request_error",
 ]

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_server import CHROMIUM, CHROMIUM_ARGS, free_port
 
 from retrieval.data.shapes import ShapesConfig, generate
 from retrieval.data.triplets import load_triplets, resolve_path
 from server.client import CIRClient
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = json.loads((ROOT / "models" / "sprc-shapes" / "card.json").read_text())

@@ -11,12 +11,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from helpers_server import Gallery, build_gallery, png, start_server
 from PIL import Image
 
 from retrieval.data.shapes import parse_signature, render_scene
 from retrieval.encoder import Encoder
 from retrieval.explain import CAM_METHODS, Explainer, MaxSimScorer, grad_cam, overlay_png
+from tests.helpers import Gallery, build_shapes_gallery, png, start_server
 
 REF_SIG = "0:red-circle-L|4:blue-square-S"
 CAPTION = "add a big green cross in the bottom right"
@@ -202,7 +202,7 @@ def test_overlay_png(explainer: Explainer) -> None:
 # ------------------------------------------------------------------------------ gRPC
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
-    return build_gallery(tmp_path_factory.mktemp("explain-gallery"), n=8)
+    return build_shapes_gallery(tmp_path_factory.mktemp("explain-gallery"), n=8)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_server import Gallery, build_gallery, start_server
 
 from frontend.explain_view import words_html
+from tests.helpers import Gallery, build_shapes_gallery, start_server
 
 APP = Path(__file__).resolve().parents[1] / "frontend" / "app.py"
 
@@ -28,7 +28,7 @@ def test_words_html_colours_by_sign_and_size_and_escapes() -> None:
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
-    return build_gallery(tmp_path_factory.mktemp("why-gallery"), n=8)
+    return build_shapes_gallery(tmp_path_factory.mktemp("why-gallery"), n=8)
 
 
 @pytest.fixture(scope="module")

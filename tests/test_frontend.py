@@ -34,7 +34,17 @@ from frontend.state import (
     shorten,
     upload_limit,
 )
-from server import errors as cerr
+from server import client_errors as cerr
+from server.client import (
+    Hit,
+    ImageItem,
+    ImagePage,
+    IndexInfo,
+    Limits,
+    ModelInfo,
+    SearchResult,
+    ServerInfo,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "frontend" / "app.py"
@@ -181,6 +191,64 @@ def test_errors_become_messages(exc: Exception, kind: str, needle: str) -> None:
     assert classify(exc) == kind and err.kind == kind and needle in err.message
 
 
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("UNAVAILABLE", "unavailable"),
+        ("UNAUTHENTICATED", "unauthenticated"),
+        ("PERMISSION_DENIED", "unauthenticated"),
+        ("INVALID_ARGUMENT", "invalid"),
+        ("OUT_OF_RANGE", "invalid"),
+        ("NOT_FOUND", "not_found"),
+        ("DEADLINE_EXCEEDED", "timeout"),
+        ("RESOURCE_EXHAUSTED", "busy"),
+        ("FAILED_PRECONDITION", "mismatch"),
+        ("INTERNAL", "other"),
+        ("UNKNOWN", "other"),
+    ],
+)
+def test_ui_maps_the_clients_error_code(code: str, kind: str) -> None:
+    """The kind comes from ``CIRError.code`` alone: the base class with a code maps the same as
+    the client's subclass for that code."""
+    status = grpc.StatusCode[code]
+    assert classify(cerr.CIRError(status, "why")) == kind
+    assert classify(cerr.from_rpc_error(_RpcError(status, "why"))) == kind
+    err = to_ui_error(cerr.CIRError(status, "the details"), UISettings(server="h:1"))
+    assert err.kind == kind and "the details" in err.message and err.details == "the details"
+
+
+class _RpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+def test_ui_does_not_match_class_names() -> None:
+    """An exception that only looks like a client error (its class name, a ``code`` attribute)
+    is "other": the UI maps the typed client's code, nothing else."""
+    NotFoundError = type("NotFoundError", (Exception,), {})  # noqa: N806
+    assert classify(NotFoundError("x")) == "other"
+    fake = RuntimeError("x")
+    fake.code = grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert classify(fake) == "other"
+
+
+def test_ui_imports_only_the_client_from_server() -> None:
+    allowed = ("server.client", "server.client_errors", "server._generated")
+    for path in (REPO / "frontend").glob("*.py"):
+        names = {n for n in _imports(path) if n.split(".")[0] == "server"}
+        bad = {n for n in names if not n.startswith(allowed)}
+        assert not bad, f"{path.name} imports {bad}"
+
+
 def test_payload_display_drops_thumbnail_and_shortens() -> None:
     out = payload_for_display({"thumbnail": "x" * 10, "path": "p" * 500, "n": 1})
     assert "thumbnail" not in out and out["n"] == 1 and len(out["path"]) < 260
@@ -214,15 +282,12 @@ def test_cli_registers_ui_and_builds_streamlit_command() -> None:
 
 
 def test_cli_sets_streamlits_upload_cap_to_the_one_limit() -> None:
-    import socket
-
     from frontend.cli import streamlit_command, upload_limit_mb
+    from tests.helpers import free_port
 
     joined = " ".join(streamlit_command("127.0.0.1", 9999, max_upload_mb=32))
     assert "--server.maxUploadSize 32" in joined
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        down = f"127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there
+    down = f"127.0.0.1:{free_port()}"  # nothing listens there
     # the server cannot be asked: its default limit (10 MiB), or the UI's lower cap
     assert upload_limit_mb(UISettings(server=down, timeout=1.0), probe_timeout=0.5) == 10
     capped = UISettings(server=down, timeout=1.0, max_upload_bytes=3 * 2**20)
@@ -286,38 +351,51 @@ class FakeClient:
         if name in FakeClient.fail:
             raise FakeClient.fail[name]
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ServerInfo:
         self._maybe_fail("info")
-        return {
-            "model": {"preset": "fake", "fingerprint": "fp"},
-            "index": {
-                "name": "g",
-                "version": "v1",
-                "count": 3,
-                "backend": "local",
-                "filterable_fields": {"shape": "keyword", "size": "integer"},
-            },
-            "limits": {"max_top_k": 50, "max_text_chars": 100, "max_image_bytes": 2**20},
-            "server_version": "0",
-        }
+        return ServerInfo(
+            model=ModelInfo("fake", "fp", 8, 4, 64, 32, "cpu", "float32"),
+            index=IndexInfo(
+                name="g",
+                backend="local",
+                version="v1",
+                count=3,
+                filterable_fields={"shape": "keyword", "size": "integer"},
+                encoder_fingerprint="fp",
+            ),
+            limits=Limits(
+                max_top_k=50,
+                max_offset=0,  # unset: the UI's default
+                max_text_chars=100,
+                max_image_bytes=2**20,
+                max_image_pixels=0,
+                max_batch_queries=0,
+                max_message_bytes=0,
+                max_page_size=0,
+            ),
+            server_version="0",
+            max_batch=1,
+            max_wait_ms=1.0,
+        )
 
-    def search(self, text: str, **kw: Any) -> dict[str, Any]:
+    def search(self, text: str, **kw: Any) -> SearchResult:
         self._maybe_fail("search", text=text, **kw)
         off = kw.get("offset", 0)
-        return {
-            "results": [
-                {
-                    "id": f"img-{off + i}",
-                    "user_id": f"u{off + i}",
-                    "score": 0.9 - 0.1 * i,
-                    "rank": off + i + 1,
-                    "payload": {"shape": "disc", "user_id": f"u{off + i}"},
-                }
+        return SearchResult(
+            results=[
+                Hit(
+                    id=f"img-{off + i}",
+                    user_id=f"u{off + i}",
+                    score=0.9 - 0.1 * i,
+                    rank=off + i + 1,
+                    payload={"shape": "disc", "user_id": f"u{off + i}"},
+                )
                 for i in range(min(kw.get("top_k", 10), 3))
             ],
-            "index_version": "v1",
-            "timings": {"total_ms": 5.0},
-        }
+            index_version="v1",
+            encoder_fingerprint="fp",
+            timings={"total_ms": 5.0},
+        )
 
     def get_image(self, id: str, kind: str = "thumbnail") -> tuple[bytes, str]:
         self._maybe_fail("get_image", id=id)
@@ -325,14 +403,14 @@ class FakeClient:
 
     def list_images(
         self, page_size: int = 50, offset: int = 0, random_seed: int | None = None
-    ) -> Any:
+    ) -> ImagePage:
         self._maybe_fail("list_images", page_size=page_size)
         shapes = ["disc", "square", "bar"]
         items = [
-            {"id": f"img-{i}", "payload": {"shape": shapes[i], "user_id": f"u{i}"}}
+            ImageItem(id=f"img-{i}", payload={"shape": shapes[i], "user_id": f"u{i}"})
             for i in range(3)
         ]
-        return (items, None, 3)
+        return ImagePage(items, None, 3)
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_server import COLORS, Gallery, build_gallery, draw, free_port, start_server
 from PIL import Image
+
+from tests.helpers import COLORS, Gallery, build_shapes_gallery, draw, free_port, start_server
 
 APP = Path(__file__).resolve().parents[1] / "frontend" / "app.py"
 API_KEY = "ui-test-key"
@@ -20,7 +21,7 @@ API_KEY = "ui-test-key"
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
-    return build_gallery(tmp_path_factory.mktemp("ui-gallery"))
+    return build_shapes_gallery(tmp_path_factory.mktemp("ui-gallery"))
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +241,7 @@ def test_server_down_shows_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_wrong_api_key_shows_a_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # its own small gallery: an Edge shard has one opener, and the module's server holds that one
-    srv = start_server(build_gallery(tmp_path, n=8), api_key=API_KEY)
+    srv = start_server(build_shapes_gallery(tmp_path, n=8), api_key=API_KEY)
     try:
         at = make_app(monkeypatch, srv.target, CIR_UI_API_KEY="wrong")
         at.run()

@@ -18,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_server import CHROMIUM, CHROMIUM_ARGS, Gallery, build_gallery, free_port, start_server
 
 from cir.demo import wait_http
+from tests.helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    Gallery,
+    build_shapes_gallery,
+    free_port,
+    start_server,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
@@ -36,7 +43,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
-    return build_gallery(tmp_path_factory.mktemp("e2e-gallery"))
+    return build_shapes_gallery(tmp_path_factory.mktemp("e2e-gallery"))
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_server import build_gallery, draw, start_server
 from test_frontend_app import make_app, png_of, search, uploader
+
+from tests.helpers import build_shapes_gallery, draw, start_server
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from retrieval.rerank import Reranker, RerankerConfig, RerankerModel
 
     root = tmp_path_factory.mktemp("ui-rerank")
-    gallery = build_gallery(root / "gallery")
+    gallery = build_shapes_gallery(root / "gallery")
     enc = Encoder.from_pretrained("tiny")
     assert enc.fingerprint == gallery.fingerprint
     model = RerankerModel(RerankerConfig.for_encoder(enc, "targets", width=16, heads=2))
@@ -64,7 +65,7 @@ def test_rerank_toggle_on_and_off(monkeypatch: pytest.MonkeyPatch, served: Any) 
 def test_toggle_disabled_without_a_reranker(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    gallery = build_gallery(tmp_path / "gallery")
+    gallery = build_shapes_gallery(tmp_path / "gallery")
     srv = start_server(gallery)
     try:
         at = make_app(monkeypatch, srv.target).run()

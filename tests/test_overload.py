@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from server.testing import build_gallery, free_port, render_images
+from tests.helpers import build_gallery, free_port, render_images
 
 torch = pytest.importorskip("torch")
 grpc = pytest.importorskip("grpc")
@@ -361,7 +361,7 @@ def test_resume_after_kill_before_finish_activates_an_optimized_version(tmp_path
     """SIGKILL after every item is written but before the shard is optimized: the resume
     writes nothing, yet the version it activates has the segments and indexed vectors of a
     clean build."""
-    from indexer.synthetic import write_images
+    from tests.helpers import write_images
 
     src = tmp_path / "imgs"
     write_images(src, 400)

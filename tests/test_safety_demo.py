@@ -14,9 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers_server import free_port
 
 from retrieval.data.shapes import ShapesConfig, generate
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from indexer.cli import register
 from indexer.pipeline import BuildConfig, IndexerError, build
-from indexer.synthetic import random_image, write_images
+from tests.helpers import random_image, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--allow-untrained", "--workers", "0", "--no-progress"]

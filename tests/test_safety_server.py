@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_server import build_gallery, start_server
 
 from server.client import CIRClient, CIRError
+from tests.helpers import build_shapes_gallery, start_server
 
 CIR = [sys.executable, "-m", "cir.cli"]
 
@@ -49,7 +49,7 @@ def test_serve_refuses_random_weight_presets(tmp_path: Path) -> None:
 def test_get_image_is_logged_at_debug_searches_at_info(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gallery = build_gallery(tmp_path, n=6)
+    gallery = build_shapes_gallery(tmp_path, n=6)
     srv = start_server(gallery)
     try:
         caplog.set_level(logging.DEBUG, logger="server.access")

@@ -28,7 +28,7 @@ from server.client import (
     UnauthenticatedError,
 )
 from server.config import ServerSettings, load_settings
-from server.testing import (
+from tests.helpers import (
     add_version,
     build_gallery,
     free_port,
@@ -296,6 +296,121 @@ def test_index_unavailable_maps_to_unavailable(srv: BackgroundServer, client: CI
     finally:
         engine.index = original
     assert client.search("x", top_k=1).results
+
+
+def _table_examples() -> dict[type, BaseException]:
+    """One instance of every type in the server's error table (server/errors.py)."""
+    from retrieval.index import errors as ie
+    from server import batching
+
+    return {
+        ie.InvalidFilterError: ie.InvalidFilterError("field 'colour' is not filterable"),
+        ie.InvalidQueryError: ie.InvalidQueryError("vector has 7 dims, expected 256"),
+        ie.IndexNotFoundError: ie.IndexNotFoundError("index 'gallery' has no active version"),
+        ie.IndexInUseError: ie.IndexInUseError("shard in use by process 4242", pid=4242),
+        ie.ModelMismatchError: ie.ModelMismatchError("built by enc-A, served with enc-B"),
+        ie.IndexUnavailableError: ie.IndexUnavailableError("qdrant at 10.0.0.1 refused"),
+        ie.GalleryIndexError: ie.GalleryIndexError("segment 3 is corrupt"),
+        batching.QueueFullError: batching.QueueFullError(64, 64, 120),
+        batching.BatcherClosedError: batching.BatcherClosedError("the batcher is stopping"),
+        batching.DeadlineUnmeetableError: batching.DeadlineUnmeetableError("2 ms left"),
+    }
+
+
+#: The documented table (docs/api.md, "Errors"): exception type name -> code, client class,
+#: what the client's message starts with.
+DOCUMENTED = {
+    "InvalidFilterError": ("INVALID_ARGUMENT", "InvalidArgumentError", ""),
+    "InvalidQueryError": ("INVALID_ARGUMENT", "InvalidArgumentError", ""),
+    "IndexNotFoundError": ("NOT_FOUND", "NotFoundError", "index not found: "),
+    "IndexInUseError": ("FAILED_PRECONDITION", "FailedPreconditionError", "index in use: "),
+    "ModelMismatchError": (
+        "FAILED_PRECONDITION",
+        "FailedPreconditionError",
+        "index and model differ: ",
+    ),
+    "IndexUnavailableError": ("UNAVAILABLE", "ServerUnavailableError", "index unavailable: "),
+    "GalleryIndexError": ("INTERNAL", "CIRError", "index error: "),
+    "QueueFullError": ("RESOURCE_EXHAUSTED", "ResourceExhaustedError", ""),
+    "BatcherClosedError": ("UNAVAILABLE", "ServerUnavailableError", ""),
+    "DeadlineUnmeetableError": ("DEADLINE_EXCEEDED", "DeadlineExceededError", ""),
+}
+
+
+def test_error_table_is_the_documented_one() -> None:
+    from server.errors import TABLE
+
+    assert set(_table_examples()) == set(TABLE)
+    assert {t.__name__ for t in TABLE} == set(DOCUMENTED)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for name, (code, _, _) in DOCUMENTED.items():
+        assert f"| `{name}` | {code} |" in doc, name
+
+
+def _expect_call_fails(call: Any, exc: BaseException) -> None:
+    import server.client as sc
+
+    code, klass, prefix = DOCUMENTED[type(exc).__name__]
+    with pytest.raises(sc.CIRError) as info:
+        call()
+    err = info.value
+    assert err.code == grpc.StatusCode[code], (type(exc).__name__, err)
+    assert type(err) is getattr(sc, klass)
+    assert err.details == f"{prefix}{exc}"
+    if code == "RESOURCE_EXHAUSTED":
+        assert err.retry_after_ms == 120.0  # the queue's hint reaches the client
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_error_table_row_reaches_the_client(
+    name: str, srv: BackgroundServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each exception raised inside the engine reaches a gRPC client as its documented code and
+    message: through the RPC wrapper (GetImage) and, for the index's own errors, through a
+    search's per-query results."""
+    from retrieval.index import GalleryIndexError
+
+    exc = next(e for t, e in _table_examples().items() if t.__name__ == name)
+    engine = srv.server.service.engine
+
+    def raise_it(*a: Any, **k: Any) -> Any:
+        raise exc
+
+    with CIRClient(srv.target, retries=0) as c:
+        monkeypatch.setattr(engine, "get_image", raise_it)
+        _expect_call_fails(lambda: c.get_image("img-000"), exc)
+        monkeypatch.undo()
+        if isinstance(exc, GalleryIndexError):
+            original = engine.index
+
+            class Broken:
+                def __getattr__(self, attr: str) -> Any:
+                    return getattr(original, attr)
+
+                search = search_batch = staticmethod(raise_it)
+
+            engine.index = Broken()
+            try:
+                _expect_call_fails(lambda: c.search("x", top_k=1), exc)
+            finally:
+                engine.index = original
+        assert c.search("x", top_k=1).results  # the server is fine afterwards
+
+
+def test_an_unlisted_exception_is_internal_and_not_sent(
+    srv: BackgroundServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = srv.server.service.engine
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise KeyError("secret path /srv/keys")
+
+    monkeypatch.setattr(engine, "get_image", boom)
+    with CIRClient(srv.target, retries=0) as c, pytest.raises(Exception) as info:
+        c.get_image("img-000")
+    err = info.value
+    assert getattr(err, "code", None) == grpc.StatusCode.INTERNAL
+    assert "internal error (request id" in str(err) and "secret" not in str(err)
 
 
 # ----------------------------------------------------------------------------- auth and TLS

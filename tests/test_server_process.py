@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from server.client import CIRClient
-from server.testing import build_gallery, free_port
+from tests.helpers import build_gallery, free_port
 
 torch = pytest.importorskip("torch")
 

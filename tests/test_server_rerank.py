@@ -12,10 +12,9 @@ import pytest
 
 from retrieval.rerank import DEFAULT_RERANK_K
 from server.app import BackgroundServer, StartupError
-from server.client import CIRClient
+from server.client import CIRClient, FailedPreconditionError, InvalidArgumentError
 from server.config import load_settings
-from server.errors import FailedPreconditionError, InvalidArgumentError
-from server.testing import build_gallery
+from tests.helpers import build_gallery
 
 torch = pytest.importorskip("torch")
 
@@ -182,7 +181,7 @@ def test_patches_reranker_reads_the_indexed_vit_tokens(tmp_path: Path) -> None:
         decode_patches,
         query_features,
     )
-    from server.testing import render_images
+    from tests.helpers import render_images
 
     torch.set_num_threads(1)
     folder = tmp_path / "model"

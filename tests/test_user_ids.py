@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from indexer.pipeline import BuildConfig, build
 from indexer.sources import IMAGE_EXTENSIONS, SourceError, read_source
-from indexer.synthetic import write_images
 from retrieval.imageio import IMAGE_EXTENSIONS as READABLE
 from retrieval.imageio import ImageDecodeError, decode_image
+from tests.helpers import write_images
 
 
 @pytest.fixture(scope="module")
