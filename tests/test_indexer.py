@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from indexer.decode import image_id
 from indexer.pipeline import BuildConfig, IndexerError, build
 from indexer.sources import SourceError, parse_shard, read_source, shard_of
-from indexer.synthetic import bad_inputs, write_images
+from tests.helpers import bad_inputs, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOAD_KEYS = {"path", "relpath", "sha256", "width", "height", "bytes", "mime", "thumbnail"}
@@ -380,7 +380,7 @@ def test_incremental_add_change_delete(tmp_path: Path, enc: Any) -> None:
     paths[0].unlink()  # vanished
     paths[1].unlink()
     paths[2].rename(src / "moved.png")  # same content, new path
-    from indexer.synthetic import random_image
+    from tests.helpers import random_image
 
     random_image(999, (20, 20)).save(paths[3])  # changed in place
     added = write_images(src, 3, start=100)
