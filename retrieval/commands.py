@@ -85,12 +85,13 @@ def train_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     num_threads: int = typer.Option(0, help="Torch CPU threads (0 = default)."),
     weights_dtype: str = typer.Option(
-        "float32", help="Stored dtype of the final model (float32|float16|bfloat16)."
+        "float32",
+        help="Stored dtype of the final model: fp32|fp16|bf16 (float32|float16|bfloat16).",
     ),
     precision: str = typer.Option(
         "auto",
-        help="Autocast: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32. bf16 pays off on CPUs "
-        "with AVX512-BF16 or AMX.",
+        help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: float32 weights, bf16 autocast. "
+        "bf16 pays off on CPUs with AVX512-BF16 or AMX.",
     ),
     attn: str = typer.Option(
         "auto", help="Attention kernel: auto (eager on CPU, sdpa on CUDA) | eager | sdpa."
@@ -168,7 +169,11 @@ def eval_cmd(
         False, "--no-baselines", help="Skip image-only/text-only baselines."
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | auto"),
+    dtype: str = typer.Option(
+        "float32",
+        help="fp32 | bf16 | fp16 | auto (float32/bfloat16/float16 too): the ViT's dtype; the "
+        "Q-Former stays float32.",
+    ),
     num_threads: int = typer.Option(0, help="Torch CPU threads (0 = default)."),
     rerank: int | None = typer.Option(
         None,
@@ -249,7 +254,9 @@ def train_reranker_cmd(
     limit: int = typer.Option(0, help="Use only the first N train triplets."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     num_threads: int = typer.Option(0, help="Torch CPU threads (0 = default)."),
-    precision: str = typer.Option("auto", help="Autocast: auto (bf16 on CUDA) | bf16 | fp32."),
+    precision: str = typer.Option(
+        "auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: bf16 autocast."
+    ),
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Continue from OUT/checkpoints/last."
     ),

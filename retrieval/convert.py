@@ -60,7 +60,7 @@ LAVIS_DROPPED_KEYS: dict[str, str] = {
 # Top-level key under which SPRC's training script saves the model.
 SPRC_STATE_KEY = "Blip2QformerCirAlignPrompt"
 
-_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")  # help text; fp32|fp16|bf16 accepted too
 
 
 class ConversionError(ValueError):
@@ -264,11 +264,13 @@ def _cast(tensor: Any, dtype: Any) -> Any:
 
 
 def _torch_dtype(name: str) -> Any:
-    import torch
+    """A stored dtype by its retrieval.precision name (fp32|bf16|fp16 or float32|...)."""
+    from retrieval.precision import storage_dtype
 
-    if name not in _DTYPE_NAMES:
-        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPE_NAMES)}, got {name!r}")
-    return getattr(torch, name)
+    try:
+        return storage_dtype(name)
+    except ValueError as exc:
+        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPE_NAMES)}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------ checking

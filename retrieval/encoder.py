@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from retrieval.config import SPRCConfig, get_config, parse_model_source
 from retrieval.modeling_sprc import SPRCModel
+from retrieval.precision import resolve_precision, storage_dtype
 from retrieval.preprocess import ImagePreprocessor
 from retrieval.tokenization import QFormerTokenizer
 
@@ -37,8 +38,6 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 VOCAB_NAME = "vocab.txt"
 FORMAT_VERSION = 1  # bump when the meaning of a checkpoint folder changes
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -52,14 +51,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto" -> bfloat16 on CUDA, float32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
-    return _DTYPES[dtype]
+    """A precision name (retrieval.precision: auto|fp32|bf16|fp16, or float32|bfloat16|float16)
+    -> the compute dtype on ``device`` ("auto": bfloat16 on CUDA, float32 on CPU)."""
+    return resolve_precision(dtype, device).dtype
 
 
 def set_threads(num_threads: int | None) -> None:
@@ -129,7 +123,8 @@ class Encoder:
         self.preprocessor = ImagePreprocessor.from_config(self.config)
         digest = weights_digest or state_dict_digest(model.state_dict())
         self.fingerprint = self._fingerprint(digest)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        # bf16/fp16: the ViT in that dtype, the Q-Former side float32 (_keep_in_fp32_modules)
+        self.model = model.to(device=self.device).to_inference_dtype(self.dtype).eval()
         #: built from a preset name with random weights (see ``is_untrained_preset``)
         self.untrained = False
         #: where the weights came from: the checkpoint folder, or "preset NAME (random weights)"
@@ -220,15 +215,17 @@ class Encoder:
         enc.source = str(folder.resolve())
         return enc
 
-    def save_pretrained(self, folder: str | Path, weights_dtype: str | None = None) -> Path:
-        """Write config.json + model.safetensors + vocab.txt. ``weights_dtype`` (e.g.
-        "float16") stores smaller weights; the default keeps the model's dtype."""
+    def save_pretrained(
+        self, folder: str | Path, weights_dtype: str | torch.dtype | None = None
+    ) -> Path:
+        """Write config.json + model.safetensors + vocab.txt. ``weights_dtype`` (a
+        retrieval.precision name, e.g. "fp16") stores smaller weights; the default stores every
+        tensor in the Encoder's dtype (also the float32-kept Q-Former side of a bf16 one)."""
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        if weights_dtype is not None:
-            dt = _DTYPES[weights_dtype]
-            state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
+        dt = self.dtype if weights_dtype is None else storage_dtype(weights_dtype)
+        state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
         tmp = out / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "cir_format": str(FORMAT_VERSION)})
         os.replace(tmp, out / WEIGHTS_NAME)
@@ -239,12 +236,10 @@ class Encoder:
     # --------------------------------------------------------------- helpers
     @contextmanager
     def _infer(self) -> Iterator[None]:
+        # no autocast (retrieval.precision): each module computes in its weights' dtype, so the
+        # float32 Q-Former stays float32 under a bf16 ViT, on CUDA as on CPU
         with torch.inference_mode():
-            if self.device.type == "cuda" and self.dtype != torch.float32:
-                with torch.autocast("cuda", dtype=self.dtype):
-                    yield
-            else:
-                yield
+            yield
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """list[PIL] -> [N, 3, S, S] float32 (CPU)."""

@@ -77,6 +77,20 @@ class SPRCLosses:
 class SPRCModel(nn.Module):
     """BLIP-2 ViT + Q-Former with SPRC's sentence-level prompt."""
 
+    #: Kept in float32 when the model runs in bf16/fp16 (``to_inference_dtype``), as
+    #: transformers keeps BLIP-2's ``["query_tokens", "qformer"]``: the ViT is the cost, the
+    #: Q-Former side is cheap and decides the ranking. Here that side also holds the Q-Former's
+    #: text embeddings, SPRC's prompt tokens, both projections and the temperature.
+    _keep_in_fp32_modules = [
+        "query_tokens",
+        "prompt_tokens",
+        "embeddings",
+        "qformer",
+        "vision_projection",
+        "text_projection",
+        "temp",
+    ]
+
     def __init__(self, config: SPRCConfig) -> None:
         super().__init__()
         config.validate()
@@ -105,6 +119,18 @@ class SPRCModel(nn.Module):
             raise ValueError(f"attention implementation must be 'eager' or 'sdpa', got {impl!r}")
         for module in (self.vision_model, self.qformer):
             module.set_attn_implementation(impl)  # transformers' public API (PreTrainedModel)
+
+    def to_inference_dtype(self, dtype: torch.dtype) -> SPRCModel:
+        """Weights in ``dtype`` except ``_keep_in_fp32_modules`` (float32). Blip2QFormerModel
+        casts its inputs (queries and the ViT's ``encoder_hidden_states``) to its own dtype, so a
+        bf16 ViT feeds a float32 Q-Former without autocast."""
+        keep = set(self._keep_in_fp32_modules)
+        # cast each part once (never float32 -> bf16 -> float32: that would round the kept ones)
+        for name, module in self.named_children():
+            module.to(torch.float32 if name in keep else dtype)
+        for name, param in self.named_parameters(recurse=False):
+            param.data = param.data.to(torch.float32 if name in keep else dtype)
+        return self
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()

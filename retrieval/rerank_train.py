@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from retrieval.data.triplets import load_triplets
 from retrieval.encoder import Encoder, resolve_device, set_threads
+from retrieval.precision import resolve_precision
 from retrieval.preprocess import BatchNormaliser
 from retrieval.rerank import (
     FEATURE_SOURCES,
@@ -85,7 +86,7 @@ class RerankTrainConfig:
     limit: int = 0  # use only the first N train triplets (0 = all)
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads (0 = default)
-    precision: str = "auto"  # autocast: auto (bfloat16 on CUDA, float32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # retrieval.precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,8 +187,7 @@ class RerankTrainer:
     def __init__(self, cfg: RerankTrainConfig) -> None:
         if cfg.features not in FEATURE_SOURCES:
             raise ValueError(f"--features must be one of {FEATURE_SOURCES}, got {cfg.features!r}")
-        if cfg.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+        resolve_precision(cfg.precision, "cpu", training=True)  # a bad name fails before work
         for name in ("batch_size", "max_steps", "mine_k"):
             if getattr(cfg, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -224,9 +224,8 @@ class RerankTrainer:
             dropout=cfg.dropout,
         )
         self.model = RerankerModel(rcfg).to(self.device)
-        self.autocast_bf16 = cfg.precision == "bf16" or (
-            cfg.precision == "auto" and self.device.type == "cuda"
-        )
+        self.precision = resolve_precision(cfg.precision, self.device, training=True)
+        self.autocast_bf16 = self.precision.autocast  # bf16 is the one training autocast
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [

@@ -31,6 +31,7 @@ from retrieval.data.recipes import HardNegatives, get_recipe
 from retrieval.data.triplets import load_triplets, resolve_path
 from retrieval.encoder import Encoder, build_model, resolve_device, set_threads
 from retrieval.imageio import decode_image
+from retrieval.precision import resolve_precision
 from retrieval.preprocess import BatchNormaliser, ImagePreprocessor
 from retrieval.tokenization import QFormerTokenizer
 
@@ -75,8 +76,10 @@ class TrainConfig:
     limit: int = 0  # use only the first N train triplets (0 = all)
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads (0 = default)
-    weights_dtype: str = "float32"  # dtype of the final model's stored weights
-    precision: str = "auto"  # autocast: auto (bfloat16 on CUDA, float32 on CPU) | bf16 | fp32;
+    weights_dtype: str = "float32"  # stored dtype of the final model (retrieval.precision names:
+    # fp32|bf16|fp16, or float32|bfloat16|float16)
+    precision: str = "auto"  # retrieval.precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    # (float32/bfloat16 accepted): float32 master weights, bf16 autocast;
     # bf16 + eager attention on a CPU with native bf16 (AVX512-BF16/AMX): a sprc-small step
     # ~2.7x faster than sdpa + fp32 (benchmarks/attn_precision.py)
     attn_implementation: str = "auto"  # auto (eager on CPU, sdpa on CUDA) | eager | sdpa
@@ -206,11 +209,9 @@ class Trainer:
         if attn == "auto":
             attn = "sdpa" if self.device.type == "cuda" else "eager"
         self.model.set_attn_implementation(attn)
-        if cfg.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-        self.autocast_bf16 = cfg.precision == "bf16" or (
-            cfg.precision == "auto" and self.device.type == "cuda"
-        )
+        # retrieval.precision: float32 master weights, bf16 autocast for "bf16" (CPU too)
+        self.precision = resolve_precision(cfg.precision, self.device, training=True)
+        self.autocast_bf16 = self.precision.autocast
         for p in self.model.vision_model.parameters():
             p.requires_grad_(cfg.train_vit)
         for p in self.model.vision_model.post_layernorm.parameters():  # ln_vision is trained

@@ -412,3 +412,48 @@ def test_preset_or_folder_is_one_rule(tmp_path: Path, monkeypatch: pytest.Monkey
         Encoder.from_pretrained("no-such-model")
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("no-such-model")
+
+
+def test_one_precision_vocabulary(tmp_path: Path) -> None:
+    """retrieval.precision: one set of names (old spellings as aliases) and one function for
+    the Encoder, training and storage; under bf16 the Q-Former side stays float32."""
+    from retrieval.precision import canonical_precision, resolve_precision, storage_dtype
+
+    for alias, name in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
+        assert canonical_precision(alias) == canonical_precision(name) == name
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).dtype == torch.float32
+    assert resolve_precision("auto", "cuda").dtype == torch.bfloat16
+    # inference: no autocast (weights decide); training: fp32 weights under bf16 autocast
+    assert not resolve_precision("bf16", cpu).autocast
+    train_bf16 = resolve_precision("bfloat16", cpu, training=True)
+    assert train_bf16.autocast and train_bf16.dtype == torch.bfloat16
+    assert not resolve_precision("fp32", cpu, training=True).autocast
+    with pytest.raises(ValueError, match="training"):
+        resolve_precision("fp16", cpu, training=True)
+    with pytest.raises(ValueError, match="precision"):
+        canonical_precision("fp8")
+    assert storage_dtype("fp16") == storage_dtype("float16") == torch.float16
+    with pytest.raises(ValueError, match="explicit"):
+        storage_dtype("auto")
+
+    fp32 = Encoder.from_pretrained("tiny", dtype="float32")
+    bf16 = Encoder.from_pretrained("tiny", dtype="bf16")
+    assert fp32.fingerprint == bf16.fingerprint  # same weights, another compute dtype
+    m = bf16.model
+    assert m.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    for name in SPRCModel._keep_in_fp32_modules:
+        part = getattr(m, name)
+        tensors = [part] if isinstance(part, torch.nn.Parameter) else list(part.parameters())
+        assert tensors and all(t.dtype == torch.float32 for t in tensors), name
+    # the kept parts are not rounded through bf16 on the way: the text path is exact
+    np.testing.assert_array_equal(
+        bf16.encode_texts(["a red circle"]), fp32.encode_texts(["a red circle"])
+    )
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    q32 = fp32.encode_queries(imgs, ["a red circle"] * 3)
+    q16 = bf16.encode_queries(imgs, ["a red circle"] * 3)
+    assert q16.dtype == np.float32 and np.abs(q16 - q32).max() < 0.05
+    t16 = bf16.encode_targets(imgs)
+    assert t16.shape == fp32.encode_targets(imgs).shape

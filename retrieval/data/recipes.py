@@ -3,8 +3,8 @@
 The generic trainer (retrieval/train.py) knows no synthetic world. For the options that need
 one (``--caption-loss``: whole-scene captions; ``--hard-negatives``: rendered one-attribute
 distractors) it looks a recipe up by name (``TrainConfig.recipe``, ``get_recipe``) and asks it.
-The shapes world (retrieval/data/shapes.py) is the one recipe today; a new world registers
-another object with the same three methods in ``RECIPES``.
+The shapes world (retrieval/data/shapes.py) is the one recipe today (``SHAPES``); a new world
+registers another object with the same three callables in ``RECIPES``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,32 +40,6 @@ class HardNegatives(Protocol):
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels [len(indices) * k, 3, S, S] (normalised) and their validity mask."""
-        ...
-
-
-class Recipe(Protocol):
-    """A world's recipes for the trainer's world-specific options."""
-
-    name: str  # the registry key (TrainConfig.recipe)
-
-    def scene_captions(self, triplets: list[Any]) -> dict[str, str]:
-        """Whole-image caption of every reference and target path (``--caption-loss``)."""
-        ...
-
-    def parse_hard_negative_kinds(self, spec: str, k: int) -> list[tuple[str, ...]]:
-        """The option string -> what each of ``k`` distractor slots changes; ValueError."""
-        ...
-
-    def hard_negatives(
-        self,
-        data_dir: Path,
-        triplets: list[Any],
-        k: int,
-        encoder_pre: ImagePreprocessor,
-        seed: int,
-        kinds: str = "any",
-    ) -> HardNegatives:
-        """``k`` distractors of every triplet's target (``--hard-negatives``)."""
         ...
 
 
@@ -197,31 +173,25 @@ class HardNegativeBank:
         return self.normalise(self.data[idx].flatten(0, 1)), self.valid[idx].flatten()
 
 
-class ShapesRecipe:
-    """The synthetic shapes world's recipes (scene signatures in each triplet's ``extra``)."""
+@dataclass(frozen=True)
+class Recipe:
+    """A world's recipes for the trainer's world-specific options."""
 
-    name = "shapes"
+    name: str  # the registry key (TrainConfig.recipe, cir train --recipe)
+    # triplets -> whole-image caption of every reference and target path (--caption-loss)
+    scene_captions: Callable[[list[Any]], dict[str, str]]
+    # (spec, k) -> what each of k distractor slots changes; ValueError (--hard-negative-kinds)
+    parse_hard_negative_kinds: Callable[[str, int], list[tuple[str, ...]]]
+    # (data_dir, triplets, k, encoder_pre, seed, kinds) -> k distractors of each triplet's
+    # target as a HardNegatives (--hard-negatives)
+    hard_negatives: Callable[..., HardNegatives]
 
-    def scene_captions(self, triplets: list[Any]) -> dict[str, str]:
-        return scene_captions(triplets)
 
-    def parse_hard_negative_kinds(self, spec: str, k: int) -> list[tuple[str, ...]]:
-        return parse_hard_negative_kinds(spec, k)
-
-    def hard_negatives(
-        self,
-        data_dir: Path,
-        triplets: list[Any],
-        k: int,
-        encoder_pre: ImagePreprocessor,
-        seed: int,
-        kinds: str = "any",
-    ) -> HardNegativeBank:
-        return HardNegativeBank(data_dir, triplets, k, encoder_pre, seed, kinds)
-
+#: The synthetic shapes world (scene signatures in each triplet's ``extra``).
+SHAPES = Recipe("shapes", scene_captions, parse_hard_negative_kinds, HardNegativeBank)
 
 #: Recipes by name (TrainConfig.recipe, ``cir train --recipe``).
-RECIPES: dict[str, Recipe] = {"shapes": ShapesRecipe()}
+RECIPES: dict[str, Recipe] = {SHAPES.name: SHAPES}
 
 
 def get_recipe(name: str) -> Recipe:
@@ -237,7 +207,7 @@ __all__ = [
     "HardNegativeBank",
     "HardNegatives",
     "Recipe",
-    "ShapesRecipe",
+    "SHAPES",
     "get_recipe",
     "parse_hard_negative_kinds",
     "scene_captions",
