@@ -15,7 +15,7 @@ $(BIN)/cir: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first, so nothing below can pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	touch $(BIN)/cir
 
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download).

@@ -62,11 +62,10 @@ def open_g(index: Path, **kw: Any) -> Any:
 
 
 def all_records(index: Path) -> dict[str, dict[str, Any]]:
-    from indexer.store import scroll
 
     idx = open_g(index)
     try:
-        return {r.id: r.payload for r in scroll(idx)}
+        return {r.id: r.payload for r in idx.iter_records()}
     finally:
         idx.close()
 
@@ -419,7 +418,7 @@ def test_incremental_refused_while_a_server_owns_the_index(tmp_path: Path, enc: 
 def test_version_activated_only_after_verification(
     tmp_path: Path, enc: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import indexer.pipeline as pipeline
+    import indexer.finish as pipeline  # the finishing step verifies (indexer/finish.py)
 
     src = tmp_path / "imgs"
     write_images(src, 8)
@@ -467,7 +466,7 @@ def test_build_calibrates_on_real_query_vectors(tmp_path: Path, enc: Any) -> Non
     assert rep.calibration["source"] == "queries" and rep.calibration["n"] == 12
     idx = open_g(tmp_path / "ix")
     try:
-        from retrieval.index.common import CALIBRATION_KEY
+        from retrieval.index.policy import CALIBRATION_KEY
 
         assert idx.meta.extra[CALIBRATION_KEY]["source"] == "queries"
     finally:
