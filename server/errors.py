@@ -5,7 +5,7 @@ The RPC wrapper (:func:`server.service.rpc`) and the engine's per-query results 
 subclass listed here wins over its base (``InvalidFilterError`` over ``GalleryIndexError``), and
 anything not listed is INTERNAL (its text stays in the server's log, never in the reply).
 
-The table is documented, row by row, in docs/api.md ("Errors"); tests/test_server_errors.py
+The table is documented, row by row, in docs/api.md ("Errors"); tests/test_server.py
 checks every row end to end.
 
 The client's side (``CIRError`` and its subclasses per status code) is

@@ -160,9 +160,11 @@ def rpc(method: str) -> Callable[..., Any]:
                 status = status_of(exc, f"internal error (request id {rid})")
                 code, message = status.code, status.message
                 trailing: list[tuple[str, str]] = [("x-request-id", rid)]
-                if not is_mapped(exc):
+                if code == grpc.StatusCode.INTERNAL and not isinstance(exc, RequestError):
+                    # a bug or a broken index: keep the trace (a RequestError was logged where
+                    # it was made)
                     logger.exception("unhandled error in %s", method, extra={"request_id": rid})
-                else:
+                if is_mapped(exc):
                     gone = _client_gone(context)
                     if gone:  # nobody to tell: aborting a closed call only makes gRPC log
                         code = grpc.StatusCode.CANCELLED if gone == "cancelled" else code

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.helpers import COLORS, Gallery, build_shapes_gallery, draw, free_port, start_server
+from tests.helpers import COLORS, Gallery, build_shapes_gallery, draw, free_port, png, start_server
 
 APP = Path(__file__).resolve().parents[1] / "frontend" / "app.py"
 API_KEY = "ui-test-key"
@@ -65,12 +65,6 @@ def refine_keys(at: Any) -> list[str]:
     return [b.key for b in at.button if b.key and b.key.startswith("refine_")]
 
 
-def png_of(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def uploader(at: Any) -> Any:
     return at.file_uploader(key=f"upload_{at.session_state['upload_gen']}")
 
@@ -86,7 +80,7 @@ def search(at: Any, text: str) -> Any:
 def test_upload_search_shows_results(app: Any) -> None:
     at = app.run()
     assert not at.exception and not at.error, errors(at)
-    upload = png_of(draw("disc", (220, 40, 40), 40))
+    upload = png(draw("disc", (220, 40, 40), 40))
     uploader(at).set_value(("red-disc.png", upload, "image/png"))
     at.run()
     ref = at.session_state["ref"]

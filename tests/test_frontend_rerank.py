@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_frontend_app import make_app, png_of, search, uploader
+from test_frontend_app import make_app, search, uploader
 
-from tests.helpers import build_shapes_gallery, draw, start_server
+from tests.helpers import build_shapes_gallery, draw, png, start_server
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_rerank_toggle_on_and_off(monkeypatch: pytest.MonkeyPatch, served: Any) 
     assert not at.exception, at.exception
     toggle = at.toggle(key="rerank")
     assert toggle.value is True and not toggle.disabled
-    uploader(at).set_value(("disc.png", png_of(draw("disc", (220, 40, 40), 40)), "image/png"))
+    uploader(at).set_value(("disc.png", png(draw("disc", (220, 40, 40), 40)), "image/png"))
     at.run()
     search(at, "make it blue")
     on = at.session_state["results"]
@@ -71,7 +71,7 @@ def test_toggle_disabled_without_a_reranker(
         at = make_app(monkeypatch, srv.target).run()
         assert not at.exception, at.exception
         assert at.toggle(key="rerank").disabled
-        uploader(at).set_value(("disc.png", png_of(draw("disc", (40, 70, 220), 40)), "image/png"))
+        uploader(at).set_value(("disc.png", png(draw("disc", (40, 70, 220), 40)), "image/png"))
         at.run()
         search(at, "make it red")
         assert not any(h.reranked for h in at.session_state["results"])
