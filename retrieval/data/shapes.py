@@ -769,27 +769,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def generate(cfg: ShapesConfig, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
-    """Generate the world into ``out_dir``; returns the meta dict (also written to meta.json).
-
-    Order: held-out pairs; test_unseen, test, val triplets (pairwise disjoint scenes); the
-    gallery (their references and targets, one image per signature, plus hard distractors);
-    train triplets whose scenes avoid every gallery signature and every held-out pair.
-    """
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    if cfg.image_size < 16:
-        raise ValueError("image_size must be at least 16")
-    if cfg.max_triplets_per_reference < 1:
-        raise ValueError("max_triplets_per_reference must be >= 1")
-    if min(cfg.train, cfg.val, cfg.test, cfg.test_unseen) < 0 or cfg.gallery < 0:
-        raise ValueError("sizes must be non-negative")
-    _prepare_out(out, overwrite)
-    heldout = frozenset(choose_heldout(cfg.seed, cfg.n_heldout))
-    seen_pool = _Pool(heldout, unseen=False)
-    unseen_pool = _Pool(heldout, unseen=True)
-    mpr = cfg.max_triplets_per_reference
-
+def _eval_splits(cfg: ShapesConfig, seen_pool: _Pool, unseen_pool: _Pool) -> dict[str, list[_Row]]:
+    """test_unseen, test, val triplets (pairwise disjoint scenes: each avoids the others')."""
     used: set[str] = set()
     eval_rows: dict[str, list[_Row]] = {}
     for split, n, pool in (
@@ -797,13 +778,20 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, *, overwrite: bool = False)
         ("test", cfg.test, seen_pool),
         ("val", cfg.val, seen_pool),
     ):
-        rows = _gen_split(split, n, random.Random(f"{cfg.seed}:{split}"), pool, used, mpr)
+        rng = random.Random(f"{cfg.seed}:{split}")
+        rows = _gen_split(split, n, rng, pool, used, cfg.max_triplets_per_reference)
         for row in rows:
             used.add(signature(row.reference))
             used.add(signature(row.target))
         eval_rows[split] = rows
+    return eval_rows
 
-    # Gallery: every eval scene once, then hard distractors of the targets.
+
+def _gallery(
+    cfg: ShapesConfig, eval_rows: dict[str, list[_Row]], unseen_pool: _Pool
+) -> tuple[list[str], dict[str, str]]:
+    """Gallery signatures (shuffled: ids carry no information about roles) and the source of
+    each: every eval scene once, then hard distractors of the targets, then filler."""
     gallery_sigs: list[str] = []
     source: dict[str, str] = {}
     for split in ("val", "test", "test_unseen"):
@@ -848,21 +836,22 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, *, overwrite: bool = False)
         if sig not in source:
             source[sig] = "filler"
             gallery_sigs.append(sig)
-    grng = random.Random(f"{cfg.seed}:gallery")
-    grng.shuffle(gallery_sigs)  # ids carry no information about roles
+    random.Random(f"{cfg.seed}:gallery").shuffle(gallery_sigs)
+    return gallery_sigs, source
+
+
+def _write_splits(
+    out: Path,
+    train_rows: list[_Row],
+    train_sigs: dict[str, str],
+    eval_rows: dict[str, list[_Row]],
+    gallery_sigs: list[str],
+    source: dict[str, str],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """train/val/test/test_unseen/gallery .jsonl; returns the gallery's (ids, paths) by
+    signature."""
     gid = {sig: f"g{i:06d}" for i, sig in enumerate(gallery_sigs)}
     gpath = {sig: _image_path("gallery", "g", i) for i, sig in enumerate(gallery_sigs)}
-
-    # Train: scenes disjoint from every gallery scene, no held-out pair anywhere.
-    train_rows = _gen_split(
-        "train", cfg.train, random.Random(f"{cfg.seed}:train"), seen_pool, set(gid), mpr
-    )
-    train_sigs: dict[str, str] = {}
-    for row in train_rows:
-        for sc in (row.reference, row.target):
-            sig = signature(sc)
-            if sig not in train_sigs:
-                train_sigs[sig] = _image_path("train", "t", len(train_sigs))
 
     def triplet(row: _Row, paths: dict[str, str], in_gallery: bool) -> Triplet:
         rs, ts = signature(row.reference), signature(row.target)
@@ -891,6 +880,49 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, *, overwrite: bool = False)
             for sig in gallery_sigs
         ),
     )
+    return gid, gpath
+
+
+def generate(cfg: ShapesConfig, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Generate the world into ``out_dir``; returns the meta dict (also written to meta.json).
+
+    Order: held-out pairs; test_unseen, test, val triplets (pairwise disjoint scenes); the
+    gallery (their references and targets, one image per signature, plus hard distractors);
+    train triplets whose scenes avoid every gallery signature and every held-out pair.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if cfg.image_size < 16:
+        raise ValueError("image_size must be at least 16")
+    if cfg.max_triplets_per_reference < 1:
+        raise ValueError("max_triplets_per_reference must be >= 1")
+    if min(cfg.train, cfg.val, cfg.test, cfg.test_unseen) < 0 or cfg.gallery < 0:
+        raise ValueError("sizes must be non-negative")
+    _prepare_out(out, overwrite)
+    heldout = frozenset(choose_heldout(cfg.seed, cfg.n_heldout))
+    seen_pool = _Pool(heldout, unseen=False)
+    unseen_pool = _Pool(heldout, unseen=True)
+
+    eval_rows = _eval_splits(cfg, seen_pool, unseen_pool)
+    gallery_sigs, source = _gallery(cfg, eval_rows, unseen_pool)
+
+    # Train: scenes disjoint from every gallery scene, no held-out pair anywhere.
+    train_rows = _gen_split(
+        "train",
+        cfg.train,
+        random.Random(f"{cfg.seed}:train"),
+        seen_pool,
+        set(gallery_sigs),
+        cfg.max_triplets_per_reference,
+    )
+    train_sigs: dict[str, str] = {}
+    for row in train_rows:
+        for sc in (row.reference, row.target):
+            sig = signature(sc)
+            if sig not in train_sigs:
+                train_sigs[sig] = _image_path("train", "t", len(train_sigs))
+
+    _, gpath = _write_splits(out, train_rows, train_sigs, eval_rows, gallery_sigs, source)
     t_index = time.perf_counter() - t0
 
     jobs: list[tuple[str, str, int, tuple[int, ...]]] = [
