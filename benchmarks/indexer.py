@@ -3,6 +3,7 @@ matmul rate the encoder reaches.
 
     python benchmarks/indexer.py --json /tmp/bench_indexer.json
     python benchmarks/indexer.py --presets sprc-small --n sprc-small=512 --device cuda
+    python benchmarks/indexer.py --presets sprc-small --executor inprocess,ray   # side by side
 
 For each preset: generate N synthetic JPEGs (random content, 256x192), build the preset (random
 weights; blip2-vitg takes about a minute), count the model's FLOPs per image with
@@ -10,6 +11,12 @@ torch.utils.flop_counter.FlopCounterMode, run ``indexer.pipeline.build`` into a 
 index, and report images/s (end to end = the pipeline, excluding model load and
 verification), per-stage seconds and achieved GFLOP/s vs. a torch.mm measurement taken in the
 same process (fp32 on CPU, bf16 and fp32 on CUDA).
+
+``--executor inprocess,ray`` builds the same images with each executor in one run and prints
+images/s side by side with the ratio to in-process. Ray runs on a local cluster of this
+machine's CPUs started once (``--ray-address`` joins another), with ``--encoders`` actors:
+the first Ray build pays the cluster's worker start-up ("ray (cold)"), the second finds the
+workers up ("ray (warm)"), as every build after the first does on a long-lived cluster.
 """
 
 from __future__ import annotations
@@ -96,7 +103,9 @@ def make_images(folder: Path, n: int, size: tuple[int, int] = (256, 192)) -> Non
         im.save(folder / f"img{i:05d}.jpg", quality=90)
 
 
-def run_preset(preset: str, n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_preset(
+    preset: str, n: int, args: argparse.Namespace, work: Path, executor: str = "inprocess"
+) -> dict[str, Any]:
     from indexer.pipeline import BuildConfig, build
     from retrieval import Encoder
 
@@ -104,22 +113,30 @@ def run_preset(preset: str, n: int, args: argparse.Namespace, work: Path) -> dic
     if not src.exists():
         make_images(src, n)
     t0 = time.perf_counter()
-    enc = Encoder.from_pretrained(preset, device=args.device, dtype=args.dtype)
+    enc = Encoder.from_pretrained(
+        preset, device=args.device, dtype=args.dtype, num_threads=args.threads
+    )
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     fpi = flops_per_image(enc)
     flop_count_s = time.perf_counter() - t0
     cfg = BuildConfig(
         source=src,
-        index=f"edge:{work / ('ix-' + preset)}",
+        index=f"edge:{work / ('ix-' + preset + '-' + executor)}",
         name="bench",
         model=preset,
         allow_untrained=True,  # throughput of the presets' architectures: weights do not matter
         batch_size=args.batch_size,
         workers=args.workers,
+        device=args.device,
+        dtype=args.dtype,
+        num_threads=args.threads or os.cpu_count(),  # the Ray actor: as many as in-process
         progress=False,
         verify_sample=8,
         fresh=True,
+        calibrate=False,  # not part of the throughput
+        executor=executor,
+        encoders=args.encoders,
     )
     rep = build(cfg, encoder=enc)
     st = rep.stage_seconds
@@ -127,6 +144,7 @@ def run_preset(preset: str, n: int, args: argparse.Namespace, work: Path) -> dic
     enc_ips = rep.indexed / st["encode"] if st.get("encode") else 0.0
     return {
         "preset": preset,
+        "executor": executor,
         "device": rep.device,
         "dtype": rep.dtype,
         "images": n,
@@ -156,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--json", type=Path, default=None, help="write results here")
+    ap.add_argument(
+        "--executor", default="inprocess", help="comma list: inprocess, ray (side by side)"
+    )
+    ap.add_argument("--encoders", type=int, default=1, help="ray: encoder actors")
+    ap.add_argument("--ray-address", default=None, help="ray: join this cluster (default: local)")
     args = ap.parse_args(argv)
+    executors = [e for e in args.executor.split(",") if e]
     logging.basicConfig(level=logging.WARNING)
 
     import torch
@@ -182,34 +206,96 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_gflops": peak,
     }
     results = []
-    with tempfile.TemporaryDirectory(prefix="cir-bench-") as tmp:
-        for preset in [p for p in args.presets.split(",") if p]:
-            r = run_preset(preset, counts.get(preset, 64), args, Path(tmp))
-            ref = peak["bfloat16" if r["dtype"] == "bfloat16" and "bfloat16" in peak else "float32"]
-            r["matmul_gflops_ref"] = ref
-            r["fraction_of_matmul_end_to_end"] = round(r["achieved_gflops_end_to_end"] / ref, 4)
-            r["fraction_of_matmul_encode_stage"] = round(r["achieved_gflops_encode_stage"] / ref, 4)
-            results.append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
+    if "ray" in executors:
+        machine["ray"] = start_ray(args.ray_address)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cir-bench-") as tmp:
+            for preset in [p for p in args.presets.split(",") if p]:
+                for executor in executors:
+                    runs = ["cold", "warm"] if executor == "ray" else [""]
+                    for tag in runs:
+                        r = run_preset(preset, counts.get(preset, 64), args, Path(tmp), executor)
+                        r["executor"] = f"{executor} ({tag})" if tag else executor
+                        add_fractions(r, peak)
+                        results.append(r)
+                        print(json.dumps(r), file=sys.stderr, flush=True)
+    finally:
+        if "ray" in executors:
+            import ray
+
+            ray.shutdown()
     print_table(machine, results)
+    if len(executors) > 1:
+        print_executors(results)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
     return 0
 
 
+def start_ray(address: str | None) -> dict[str, Any]:
+    """A local Ray cluster of this machine's CPUs (or join ``address``), started before any
+    timing; what it offers."""
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        for attempt in (1, 2):  # a loaded machine can miss Ray's 30 s raylet start-up wait
+            try:
+                ray.init(
+                    num_cpus=os.cpu_count(),
+                    include_dashboard=False,
+                    object_store_memory=1024**3,
+                    logging_level=logging.WARNING,
+                )
+                break
+            except Exception:
+                ray.shutdown()
+                if attempt == 2:
+                    raise
+    res = ray.cluster_resources()
+    return {"version": ray.__version__, "cpus": res.get("CPU"), "gpus": res.get("GPU", 0)}
+
+
+def add_fractions(r: dict[str, Any], peak: dict[str, float]) -> None:
+    ref = peak["bfloat16" if r["dtype"] == "bfloat16" and "bfloat16" in peak else "float32"]
+    r["matmul_gflops_ref"] = ref
+    r["fraction_of_matmul_end_to_end"] = round(r["achieved_gflops_end_to_end"] / ref, 4)
+    r["fraction_of_matmul_encode_stage"] = round(r["achieved_gflops_encode_stage"] / ref, 4)
+
+
+def print_executors(results: list[dict[str, Any]]) -> None:
+    """Images/s per executor beside in-process (same preset, same run)."""
+    print()
+    print("| preset | executor | images | img/s end-to-end | ratio to inprocess | pipeline s |")
+    print("|---|---|---|---|---|---|")
+    base = {r["preset"]: r for r in results if r["executor"] == "inprocess"}
+    for r in results:
+        b = base.get(r["preset"])
+        ratio = (
+            f"{r['images_per_s_end_to_end'] / b['images_per_s_end_to_end']:.2f}"
+            if b and b["images_per_s_end_to_end"]
+            else "-"
+        )
+        print(
+            f"| {r['preset']} | {r['executor']} | {r['indexed']} | "
+            f"{r['images_per_s_end_to_end']} | {ratio} | {r['stage_seconds'].get('pipeline', 0):.2f} |"
+        )
+
+
 def print_table(machine: dict[str, Any], results: list[dict[str, Any]]) -> None:
     print(f"machine: {machine}")
     head = (
-        "| preset | device/dtype | images | GFLOP/img | img/s end-to-end | img/s encode | "
+        "| preset | executor | device/dtype | images | GFLOP/img | img/s end-to-end | img/s encode | "
         "% of matmul (e2e / encode) | decode cpu s | encode s | write s | pipeline s |"
     )
     print(head)
-    print("|---" * 11 + "|")
+    print("|---" * 12 + "|")
     for r in results:
         st = r["stage_seconds"]
         dec = st.get("worker_read", 0) + st.get("worker_decode", 0) + st.get("worker_preprocess", 0)
         print(
-            f"| {r['preset']} | {r['device']}/{r['dtype']} | {r['indexed']} | "
+            f"| {r['preset']} | {r['executor']} | {r['device']}/{r['dtype']} | {r['indexed']} | "
             f"{r['gflops_per_image']} | {r['images_per_s_end_to_end']} | "
             f"{r['images_per_s_encode_stage']} | "
             f"{100 * r['fraction_of_matmul_end_to_end']:.1f}% / "
