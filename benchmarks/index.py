@@ -35,7 +35,7 @@ import contextlib
 
 from retrieval.index import VersionMeta, open_index  # noqa: E402
 from retrieval.index.calibrate import calibrate_fast  # noqa: E402
-from retrieval.index.common import CALIBRATION_KEY  # noqa: E402
+from retrieval.index.policy import CALIBRATION_KEY  # noqa: E402
 
 logger = logging.getLogger("bench.index")
 

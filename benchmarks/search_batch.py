@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from retrieval.encoder import Encoder
     from retrieval.index import open_index
-    from retrieval.index.common import CALIBRATION_KEY, fast_plan
+    from retrieval.index.policy import CALIBRATION_KEY, fast_plan
 
     encoder = Encoder.from_pretrained(args.model)
     qs = calibration_queries(args.data, encoder, args.skip, args.queries).astype(np.float32)

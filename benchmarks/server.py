@@ -191,7 +191,7 @@ def build_real_index(work: Path, n: int, encoder: Any, seed: int = 0, patches: b
 
 def _calibration_of(work: Path, name: str) -> dict[str, Any] | None:
     from retrieval.index import open_index
-    from retrieval.index.common import CALIBRATION_KEY
+    from retrieval.index.policy import CALIBRATION_KEY
 
     idx = open_index(f"edge:{work}", name)
     try:

@@ -31,11 +31,13 @@ from types import FrameType
 
 import typer
 
+from retrieval.index.api import DEFAULT_URI
+
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL = "models/sprc-shapes"
 DEMO_DATA = "data/shapes"
-DEMO_INDEX = "edge:data/index"
+DEMO_INDEX = DEFAULT_URI
 DEMO_NAME = "gallery"
 STARTUP_TIMEOUT_S = 600.0  # longest wait for the server / the UI to answer
 DEMO_FIELDS = ("n_objects:integer", "source:keyword")

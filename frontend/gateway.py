@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from frontend.config import UISettings
+from retrieval.index.api import FIELD_TYPES
 
 if TYPE_CHECKING:  # the client's types (importing it at run time loads grpc)
     from server.client import SearchResult, ServerInfo
@@ -26,7 +27,6 @@ ErrorKind = Literal[
     "unavailable", "unauthenticated", "invalid", "not_found", "timeout", "busy", "mismatch", "other"
 ]
 DEFAULT_MODES: tuple[str, ...] = ("auto", "exact", "fast")
-FIELD_TYPES: tuple[str, ...] = ("keyword", "integer", "float", "bool")
 
 
 class UIError(Exception):

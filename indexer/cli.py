@@ -19,11 +19,12 @@ from typing import Annotated, Any
 
 import typer
 
+from retrieval.index.api import DEFAULT_URI
 from retrieval.model_source import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_INDEX = "edge:data/index"
+DEFAULT_INDEX = DEFAULT_URI
 
 # ---- options shared by several commands (one definition each)
 IndexOpt = Annotated[str, typer.Option("--index", envvar="CIR_INDEX", help="index URI")]

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.imageio import IMAGE_EXTENSIONS as _READABLE
-from retrieval.index.api import PATCHES_KEY, USER_ID_KEY
+from retrieval.index.api import FIELD_TYPES, PATCHES_KEY, USER_ID_KEY
 
 logger = logging.getLogger(__name__)
 
 #: Extensions a folder walk picks up (case-insensitive); anything else is counted as ignored.
 #: The same list as the UI's uploader (retrieval.imageio.IMAGE_EXTENSIONS).
 IMAGE_EXTENSIONS = frozenset(_READABLE)
-FIELD_TYPES = ("keyword", "integer", "float", "bool")
 #: Payload keys written by the indexer; manifest columns may not use them (``user_id`` only as
 #: the ``--id-column`` itself).
 RESERVED_KEYS = frozenset(

@@ -1,38 +1,22 @@
-"""The indexer's view of the gallery index's version API, in one place.
+"""The indexer's decisions over the gallery index's version API: which unfinished build to
+resume, and the post-build check of a version.
 
-Everything here goes through the public ``retrieval.index`` API: ``open_version`` (re-open an
-existing, not yet active version to resume a killed build, to fill one version from several
-shard runs, or to verify it before activating), ``iter_records``/``scroll`` (every point of a
-version) and ``VersionInfo.ever_active`` (a version rolled back from is not an unfinished build).
+Everything here goes through the public ``retrieval.index`` API (``GalleryIndex.versions``,
+``VersionInfo.ever_active``: a version rolled back from is not an unfinished build; the
+``ReadView`` reads). Re-opening a version is ``idx.open_version(v)``, every point of one
+``view.iter_records()``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from retrieval.index import GalleryIndex, IndexView, Record, VersionHandle, VersionInfo
-from retrieval.index.api import PayloadSelector
+from retrieval.index import GalleryIndex, ReadView, VersionInfo
 
 logger = logging.getLogger(__name__)
-
-SCROLL_PAGE = 1000
-
-
-def open_version(idx: GalleryIndex, version: str, read_only: bool = False) -> VersionHandle:
-    """A handle on an existing version (Edge: takes its lock -> IndexInUseError)."""
-    return idx.open_version(version, read_only=read_only)
-
-
-def scroll(
-    view: IndexView, page: int = SCROLL_PAGE, with_payload: PayloadSelector = True
-) -> Iterator[Record]:
-    """Every point of ``view`` (no vectors), in the engine's order. ``with_payload``:
-    e.g. ``{"exclude": ["thumbnail"]}`` to skip the heavy thumbnails."""
-    yield from view.iter_records(batch=page, with_payload=with_payload)
 
 
 def version_number(version: str) -> int:
@@ -60,7 +44,7 @@ def resume_candidates(idx: GalleryIndex, build_key: str) -> list[VersionInfo]:
 
 
 def verify_view(
-    view: IndexView,
+    view: ReadView,
     sample_ids: list[str],
     expected_count: int | None,
     top_k: int = 10,

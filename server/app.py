@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import Future as ConcurrentFuture
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +32,9 @@ from server.config import ServerSettings
 from server.engine import Engine
 from server.metrics import Metrics
 from server.service import IO_THREADS, SearchService
+
+if TYPE_CHECKING:
+    from retrieval.index import SearchView
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ def load_reranker(settings: ServerSettings, encoder: Any, model_folder: bool = T
     return rr
 
 
-def open_served_index(settings: ServerSettings, encoder: Any) -> Any:
+def open_served_index(settings: ServerSettings, encoder: Any) -> SearchView:
     """Open the index read-only with the model guard; raise StartupError saying why not."""
     from retrieval.index import (
         GalleryIndexError,
@@ -116,7 +119,7 @@ def open_served_index(settings: ServerSettings, encoder: Any) -> Any:
         api_key=settings.index_api_key,
     )
     in_child = uses_search_process(settings)
-    index: Any
+    index: SearchView
     try:
         if in_child:
             index = ProcessIndex(
@@ -157,7 +160,7 @@ class CIRServer:
         settings: ServerSettings,
         *,
         encoder: Any = None,
-        index: Any = None,
+        index: SearchView | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings

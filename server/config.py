@@ -20,6 +20,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from retrieval.index.api import DEFAULT_URI
+
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -35,7 +37,7 @@ class ServerSettings(BaseSettings):
 
     # --- what to serve
     model: str = "models/sprc-shapes"  # checkpoint folder or preset name (tiny, sprc-small, ...)
-    index: str = "edge:data/index"  # index URI: edge:PATH | qdrant:URL | local:PATH
+    index: str = DEFAULT_URI  # index URI: edge:PATH | qdrant:URL | local:PATH
     name: str = "gallery"  # index name at that URI
     force: bool = False  # serve even if the index was built by another encoder (fingerprint)
     index_api_key: str | None = None  # API key of a Qdrant server backend

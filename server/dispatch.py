@@ -209,7 +209,7 @@ class Dispatcher:
             if isinstance(r, RequestError):
                 j.future.set_exception(r)
             else:
-                j.future.set_result((r, version))
+                j.future.set_result((r, j.item.index_version or version))  # what it searched
 
     async def _rerank(self, jobs: list[Job], results: list[Any]) -> float:
         """The second stage for the jobs that asked for it and are still waiting (a call whose

@@ -16,11 +16,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from retrieval.index.api import PATCHES_KEY
+from retrieval.index.api import PATCHES_KEY, Hits, SearchMode, SearchView
 from server.config import ServerSettings
 from server.errors import RequestError, to_request_error
 
@@ -55,6 +55,7 @@ class Query:
     rerank_feats: Any = None  # the re-ranker's query side (retrieval.rerank.QueryFeatures)
     timings: dict[str, float] = field(default_factory=dict)
     searched_mode: str = ""  # what the index really ran ("exact" / "fast"), set by search
+    index_version: str = ""  # the version that answered this query's search, set by search
     mode_note: str = ""  # why it is not the mode asked for, when that matters
 
     @property
@@ -174,7 +175,7 @@ class Engine:
     """Owns the encoder, the index and the feature cache. Thread-safe where it needs to be."""
 
     def __init__(
-        self, settings: ServerSettings, encoder: Any, index: Any, reranker: Any = None
+        self, settings: ServerSettings, encoder: Any, index: SearchView, reranker: Any = None
     ) -> None:
         self.settings = settings
         self.encoder = encoder
@@ -199,54 +200,31 @@ class Engine:
         self._small_threads = torch.get_num_threads()  # what num_threads set at load
         self._threads_now = self._small_threads
         self.guard: Any = None  # server.recall_guard.RecallGuard (set by the service)
-        # (mode run, note) per (top_k, offset, mode), for one version's facts; re-read every
-        # PLAN_TTL_S so a calibration recorded elsewhere is seen
-        self._plans: dict[tuple[int, int, str], tuple[str, str]] = {}
-        self._plans_key: tuple[Any, ...] = ()
-        self._plans_at = 0.0
         self._noted: set[tuple[str, str]] = set()
 
-    PLAN_TTL_S = 2.0
+    #: How long a calibration recorded elsewhere takes to reach the searches: nothing is cached
+    #: here any more (every search's Hits say the mode the index ran), so no wait.
+    PLAN_TTL_S = 0.0
 
     def index_options(self) -> dict[str, Any]:
         """The search options the index was opened with (``open_index(options=...)``)."""
-        opts = getattr(self.index, "_options", None)
-        if opts is None:  # a ProcessIndex keeps open_index's keyword arguments
-            opts = getattr(self.index, "_kwargs", {}).get("options")
-        return dict(opts or {})
+        return dict(self.index.options)
 
-    def plan(self, q: Query, version: str) -> tuple[str, str]:
-        """The mode the index runs ``q`` in and why it differs from the one asked (see
-        retrieval.index.common.resolve_mode); the recall guard's exact fallback included."""
-        from retrieval.index.common import CALIBRATION_KEY, resolve_mode
-
-        guard = self.guard
-        if q.mode == "exact":
-            return "exact", ""
-        if guard is not None and version in guard.forced_exact:
+    def searched(self, q: Query, hits: Hits, forced: bool) -> tuple[str, str]:
+        """The mode ``q`` really ran in and why it differs from the one asked, from its
+        :class:`~retrieval.index.api.Hits` (the index resolved auto / an uncalibrated fast in
+        the same call); ``forced``: the recall guard's exact fallback."""
+        if forced:
+            guard = self.guard
             return "exact", (
                 f"the recall guard found fast below recall@10 {guard.recall_target:g} on "
-                f"version {version} and could not record a larger L: searched exactly"
+                f"version {hits.version} and could not record a larger L: searched exactly"
             )
-        now = time.monotonic()
-        key = (version, guard.generation if guard is not None else 0)
-        if key != self._plans_key or now - self._plans_at > self.PLAN_TTL_S:
-            self._plans, self._plans_key, self._plans_at = {}, key, now
-        top_k, offset = (
-            (max(q.rerank_k, q.offset + q.top_k), 0) if q.reranks else (q.top_k, q.offset)
-        )
-        pk = (top_k, offset, q.mode)
-        got = self._plans.get(pk)
-        if got is None:
-            meta = self.index.meta
-            cal = meta.extra.get(CALIBRATION_KEY) if meta is not None else None
-            n = int(self.index.count())
-            got = resolve_mode(q.mode, top_k, offset, n, self.index_options(), cal)
-            self._plans[pk] = got
-        if got[1] and (version, got[1]) not in self._noted and q.mode == "fast":
-            self._noted.add((version, got[1]))
-            logger.warning("fast search on index version %s: %s", version, got[1])
-        return got
+        run, note = hits.mode or q.mode, hits.note
+        if note and q.mode == "fast" and (hits.version, note) not in self._noted:
+            self._noted.add((hits.version, note))
+            logger.warning("fast search on index version %s: %s", hits.version, note)
+        return run, note
 
     # ------------------------------------------------------------------ index facts
     @property
@@ -531,7 +509,7 @@ class Engine:
     def search(
         self, vectors: np.ndarray, queries: list[Query]
     ) -> tuple[list[list[Any] | RequestError], str, float]:
-        """Hits per query (or the error for that query's group), the version, search ms."""
+        """Hits per query (or the error for that query's group), the version searched, ms."""
         from retrieval.index import GalleryIndexError
 
         t0 = time.perf_counter()
@@ -539,10 +517,12 @@ class Engine:
         for i, q in enumerate(queries):
             groups.setdefault(q.group_key(), []).append(i)
         results: list[list[Any] | RequestError] = [[] for _ in queries]
-        try:  # a read through the search process like any other: its death is UNAVAILABLE
-            version = self.version
-        except GalleryIndexError as exc:  # mapped by the one table (server/errors.py)
-            return [to_request_error(exc)] * len(queries), "", (time.perf_counter() - t0) * 1000.0
+        guard = self.guard
+        # the recall guard's fallback (the index itself applies the calibration's); a local
+        # read of the served version (no round trip), only when the guard forced one
+        forced = (
+            guard is not None and bool(guard.forced_exact) and self.version in guard.forced_exact
+        )
         modes = ["exact"] * len(queries)
         for idx in groups.values():
             q = queries[idx[0]]
@@ -550,29 +530,28 @@ class Engine:
             top_k, offset = q.top_k, q.offset
             if q.reranks:
                 top_k, offset = max(q.rerank_k, q.offset + q.top_k), 0
-            try:
-                run, note = self.plan(q, version)
-            except Exception:  # the plan is informative: the index decides on its own again
-                logger.debug("search plan failed", exc_info=True)
-                run, note = q.mode, ""
-            for i in idx:
-                queries[i].searched_mode, queries[i].mode_note = run, note
-                modes[i] = run
-            # the guard's fallback (the index itself does the calibration's)
-            mode = "exact" if run == "exact" else q.mode
-            try:
+            mode = cast("SearchMode", "exact" if forced else q.mode)  # validated by the service
+            try:  # one call to the index (its search process) per group: hits + version
                 if len(idx) == 1:
                     hits = [self.index.search(vectors[idx[0]], top_k, offset, q.filter, mode)]
                 else:
                     hits = self.index.search_batch(vectors[idx], top_k, offset, q.filter, mode)
-                for i, h in zip(idx, hits, strict=True):
-                    results[i] = h
             except GalleryIndexError as exc:  # mapped by the one table (server/errors.py)
                 err = to_request_error(exc)
                 if err.code == "INTERNAL":
                     logger.exception("index search failed")
                 for i in idx:
                     results[i] = err
+                continue
+            for i, h in zip(idx, hits, strict=True):
+                results[i] = h
+                run, note = self.searched(q, h, forced and q.mode != "exact")
+                queries[i].searched_mode, queries[i].mode_note = run, note
+                queries[i].index_version = h.version
+                modes[i] = run
+        # the version searched (per query in Query.index_version: a refresh between two
+        # groups' calls may switch it); "" when every group failed
+        version = next((q.index_version for q in queries if q.index_version), "")
         ms = (time.perf_counter() - t0) * 1000.0
         if self.guard is not None:  # keeps the vectors, queues a sample: no index call here
             self.guard.observe(version, vectors, queries, results, modes)

@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.index.api import SearchView
+
 logger = logging.getLogger(__name__)
 
 #: File name of the traffic reservoir under an Edge/local index's folder (``PATH/<name>/``).
@@ -114,7 +116,7 @@ class RecallGuard:
 
     def __init__(
         self,
-        index: Any,
+        index: SearchView,
         *,
         rate: float = 0.01,
         max_per_s: float = 5.0,
@@ -212,8 +214,9 @@ class RecallGuard:
                 continue
             k = min(self.k, int(q.top_k) if not q.reranks else self.k)
             hits = results[i]
+            searched = getattr(hits, "version", "") or version  # Hits name their version
             check = _Check(
-                version, np.array(vectors[i], np.float32), k, q.filter, [h.id for h in hits[:k]]
+                searched, np.array(vectors[i], np.float32), k, q.filter, [h.id for h in hits[:k]]
             )
             try:
                 self._queue.put_nowait(check)
@@ -316,6 +319,8 @@ class RecallGuard:
         if c.version != str(self.index.active_version or ""):
             return  # switched meanwhile: the answer compared would be another version's
         exact = self.index.search(c.vector, c.k, 0, c.filter, "exact")
+        if exact.version != c.version:
+            return  # switched between the check above and the search: another version's answer
         want = {h.id for h in exact[: c.k]}
         if not want:
             return
@@ -346,7 +351,7 @@ class RecallGuard:
     # ------------------------------------------------------------------ acting
     def current_l(self) -> int | None:
         """The L a top-k ``fast`` search of the served version uses (None: it runs exactly)."""
-        from retrieval.index.common import CALIBRATION_KEY, fast_plan, uncalibrated_reason
+        from retrieval.index.policy import CALIBRATION_KEY, fast_plan, uncalibrated_reason
 
         if str(self.index.active_version or "") in self.forced_exact:
             return None
@@ -358,7 +363,7 @@ class RecallGuard:
 
     def _raise_l(self, version: str, recall: float, lower: float, samples: int) -> None:
         from retrieval.index.calibrate import LADDER
-        from retrieval.index.common import CALIBRATION_KEY
+        from retrieval.index.policy import CALIBRATION_KEY
 
         meta = self.index.meta
         if meta is None or str(self.index.active_version or "") != version:

@@ -154,7 +154,7 @@ def explain_response(explainer: Any, e: Any, reference: Any, candidate: Any) -> 
 
 def recall_guard_info(engine: Engine, meta: Any) -> Any:
     """Info.recall_guard: the guard's running estimate for the served version and its L."""
-    from retrieval.index.common import CALIBRATION_KEY
+    from retrieval.index.policy import CALIBRATION_KEY
 
     guard = engine.guard
     if guard is None:

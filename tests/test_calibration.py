@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from retrieval.index import open_index
-from retrieval.index.common import CALIBRATION_KEY, resolve_mode, uncalibrated_reason
+from retrieval.index.policy import CALIBRATION_KEY, resolve_mode, uncalibrated_reason
 
 N, Q, D = 1200, 8, 16
 

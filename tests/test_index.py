@@ -652,7 +652,7 @@ def test_qdrant_version_creation_claims_the_number(tmp_path):
     ids, toks, _ = make_data(10)
     idx = open_index(uri_for("local", tmp_path), "g")
     idx.upsert(ids, toks)  # v000001
-    client = idx.client  # type: ignore[attr-defined]
+    client = idx._backend.client  # type: ignore[attr-defined]
     real_exists = client.collection_exists
     # another process claimed v000002 between our check and our create, and has not written
     # its catalog entry yet (or died): our existence check does not see it
@@ -672,7 +672,7 @@ def test_qdrant_version_creation_claims_the_number(tmp_path):
 
 
 def test_fast_plan_from_recall_target():
-    from retrieval.index.common import FAST_RECALL_TABLE, fast_plan
+    from retrieval.index.policy import FAST_RECALL_TABLE, fast_plan
 
     for target, cands in FAST_RECALL_TABLE:
         assert fast_plan(10, 0, {"fast_recall": target})[0] == cands
@@ -690,7 +690,7 @@ def test_fast_plan_from_recall_target():
 
 
 def test_auto_mode_prefers_exact_when_l_is_a_large_share():
-    from retrieval.index.common import auto_mode
+    from retrieval.index.policy import auto_mode
 
     assert auto_mode(10, 0, 10_000, {}) == "exact"  # below auto_fast_min_points
     assert auto_mode(10, 0, 30_000, {}) == "exact"  # L=8000 > 25% of 30k: exact is faster
@@ -731,13 +731,13 @@ def test_qdrant_settings_from_environment(monkeypatch):
     monkeypatch.setenv("CIR_INDEX_SHARD_NUMBER", "3")
     monkeypatch.setenv("CIR_INDEX_REPLICATION_FACTOR", "2")
     with open_index("local::memory:", "g") as idx:
-        assert (idx._shard_number, idx._replication_factor) == (3, 2)
+        assert (idx._backend.shard_number, idx._backend.replication_factor) == (3, 2)
     with open_index("local::memory:", "g", shard_number=5) as idx:
-        assert idx._shard_number == 5  # an explicit argument wins
+        assert idx._backend.shard_number == 5  # an explicit argument wins
 
 
 def test_fast_plan_uses_a_versions_calibration():
-    from retrieval.index.common import FAST_RECALL_TABLE, auto_mode, fast_plan
+    from retrieval.index.policy import FAST_RECALL_TABLE, auto_mode, fast_plan
 
     cal = {"L": 500, "recall_target": 0.99}
     table_l = FAST_RECALL_TABLE[-1][1]
@@ -773,7 +773,7 @@ def test_choose_l_keeps_a_margin():
 def test_calibration_measures_this_index_and_is_recorded(backend, tmp_path):
     from indexer.pipeline import calibrate_index
     from retrieval.index.calibrate import measure_fast_recall
-    from retrieval.index.common import CALIBRATION_KEY
+    from retrieval.index.policy import CALIBRATION_KEY
 
     n, q, d = 1200, 8, 16
     rng = np.random.default_rng(5)
@@ -855,3 +855,125 @@ def test_calibration_from_real_query_vectors(backend, tmp_path):
     assert rec["source"] == "queries" and rec["L"] is not None
     with pytest.raises(IndexerError, match="dimensions"):
         calibrate_index(uri, "g", query_vectors=np.ones((3, d + 1), np.float32))
+
+
+# ------------------------------------------------------------------ one call: hits + version
+def test_search_returns_the_version_it_searched(backend, tmp_path):
+    """``search`` / ``search_batch`` return Hits that name the version that answered and the
+    mode that ran, in the same call; after a switch they name the new version."""
+    ids, toks, payloads = make_data(60)
+    uri = uri_for(backend, tmp_path)
+    writer = open_index(uri, "g", encoder_fingerprint="enc-A", fields=FIELDS, options=OPTS)
+    writer.upsert(ids, toks, payloads)
+    v1 = writer.active_version
+    if backend == "edge":  # a server-like reader of its own (the writer builds new shards)
+        writer.close()
+        reader = open_index(uri, "g", encoder_fingerprint="enc-A", read_only=True, options=OPTS)
+        writer = open_index(uri, "g", encoder_fingerprint="enc-A")
+    else:
+        reader = writer  # local mode: one client per directory
+    hits = reader.search(toks[3, 0], top_k=5, mode="exact")
+    assert hits.version == v1 and hits.mode == "exact" and hits.note == ""
+    assert hits[0].id == ids[3] and len(hits) == 5 and hits == list(hits)
+    # fast with L = 60 over 60 points runs exactly, and says so
+    fast = reader.search(toks[3, 0], top_k=5, mode="fast")
+    assert fast.version == v1 and fast.mode == "exact" and "fast is exact here" in fast.note
+    batch = reader.search_batch(toks[[1, 2], 0], top_k=3, mode="auto")
+    assert [h.version for h in batch] == [v1, v1] and {h.mode for h in batch} == {"exact"}
+    new_ids = [f"new-{i}" for i in range(20)]
+    with writer.create_version(VersionMeta("enc-A", "", (Q, D), FIELDS)) as v:
+        v.upsert(new_ids, toks[:20], payloads[:20])
+    writer.activate(v.version)
+    reader.refresh()
+    after = reader.search(toks[3, 0], top_k=5, mode="exact")
+    assert after.version == v.version != v1 and all(h.id.startswith("new-") for h in after)
+    if writer is not reader:
+        writer.close()
+    reader.close()
+
+
+def test_reported_version_is_the_one_searched_while_refresh_swaps(tmp_path):
+    """Readers search while another object activates new versions and the reader's refresh
+    swaps them in: every Hits names the version whose points it holds (ids carry it)."""
+    uri = uri_for("edge", tmp_path)
+    _, toks, _ = make_data(40)
+    with open_index(uri, "g", encoder_fingerprint="enc-A") as w:
+        w.upsert([f"v000001-{i}" for i in range(40)], toks)  # auto-created: v000001
+    reader = open_index(uri, "g", encoder_fingerprint="enc-A", read_only=True)
+    stop, seen, errors = threading.Event(), [], []
+
+    def search() -> None:
+        while not stop.is_set():
+            try:
+                hits = reader.search(toks[0, 0], top_k=3, mode="exact")
+                seen.append((hits.version, {h.id.split("-")[0] for h in hits}))
+            except Exception as exc:  # noqa: BLE001 - any failure is a test failure
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=search) for _ in range(2)]
+    for t in threads:
+        t.start()
+    writer = open_index(uri, "g", encoder_fingerprint="enc-A")
+    try:
+        for _ in range(3):
+            with writer.create_version(VersionMeta("enc-A", "", (Q, D))) as v:
+                v.upsert([f"{v.version}-{i}" for i in range(40)], toks)
+            writer.activate(v.version)
+            assert reader.refresh()
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        writer.close()
+        reader.close()
+    assert not errors, errors[:3]
+    assert len({v for v, _ in seen}) >= 2
+    assert all(prefixes == {version} for version, prefixes in seen), seen[:5]
+
+
+def test_backend_contract(backend, tmp_path):
+    """The narrow backend protocol (retrieval.index.backend) on both engines: create, point,
+    history, metadata, open/upsert/query/retrieve/scroll, drop."""
+    from retrieval.index.policy import plan_search
+    from retrieval.index.validate import payload_spec, pooled_of
+
+    ids, toks, payloads = make_data(30)
+    idx = open_index(uri_for(backend, tmp_path), "g", fields=FIELDS)
+    b = idx._backend  # type: ignore[attr-defined]
+    assert b.kind == backend and b.active() is None and b.history() == []
+    meta = VersionMeta("fp", "p", (Q, D), FIELDS, {"k": 1})
+    v1, v2 = b.create(meta), b.create(meta)
+    assert (v1, v2) == ("v000001", "v000002") and b.list_versions() == [v1, v2]
+    assert b.read_meta(v1)[0] == meta and b.exists(v1)
+    b.write_meta(v1, meta.with_extra({"k": None, "x": 2}))
+    assert b.read_meta(v1)[0].extra == {"x": 2} and b.records()[v1][2] is None
+    with b.mutex():
+        b.mark_activated(v1)
+        b.point(v1, [])
+    assert b.active() == v1 and b.records()[v1][2] is not None
+    b.point(v2, [v1])
+    assert b.active() == v2 and b.history() == [v1]
+    b.set_history([])
+    assert b.history() == [] and b.active() == v2
+    store = b.open(v2, meta)
+    unit = toks / np.linalg.norm(toks, axis=-1, keepdims=True)
+    assert store.upsert(ids, unit, pooled_of(unit), payloads) == 30
+    store.flush()
+    assert store.count() == 30
+    plan = plan_search("exact", 3, 0, 30, [], {}, None, "test")
+    (hits,) = store.query(unit[[4], 0], plan)
+    assert hits[0].id == ids[4] and hits[0].payload == payloads[4]
+    recs = store.retrieve([ids[1], "nope"], True, payload_spec(["title"]))
+    assert [r.id for r in recs] == [ids[1]] and recs[0].payload == {"title": "item 1"}
+    page, nxt = store.scroll(10, None, payload_spec(False), False, [])
+    assert len(page) == 10 and nxt is not None
+    store.delete(ids[:5])
+    assert store.count() == 25
+    store.close(finish=True)
+    b.finish(v2, None)  # indexes built: nothing to do, nothing refused
+    b.drop(v1)
+    assert b.list_versions() == [v2]
+    with pytest.raises(IndexNotFoundError):
+        b.read_meta(v1)
+    idx.close()

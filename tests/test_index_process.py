@@ -253,3 +253,37 @@ def _kill_new_child(parent: int, kills: list[int]) -> None:
             except psutil.Error:
                 continue
         time.sleep(0.001)
+
+
+def test_one_round_trip_per_search_with_the_version_searched(tmp_path: Path) -> None:
+    """A search is one round trip and its Hits name the version the child searched; the
+    version facts cost none; a refresh is one round trip that brings the new facts."""
+    uri, ids, toks = _build(tmp_path)
+    with ProcessIndex(uri, "g", encoder_fingerprint="enc-A", read_only=True, options=OPTS) as px:
+        calls: list[str] = []
+        real = px._call
+
+        def counting(op: str, name: str, *args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(op, name, *args, **kwargs)
+
+        px._call = counting  # type: ignore[method-assign]
+        v1 = px.active_version
+        assert px.meta.encoder_fingerprint == "enc-A" and px.declared_fields() == FIELDS
+        assert px.backend == "edge" and px.options == OPTS and calls == []
+        hits = px.search(toks[3, 1], top_k=3, mode="exact")
+        assert calls == ["search"] and hits.version == v1 and hits.mode == "exact"
+        assert hits[0].id == ids[3]
+        batch = px.search_batch(toks[[3, 4], 1], top_k=2)
+        assert calls == ["search", "search_batch"] and [h.version for h in batch] == [v1, v1]
+        writer = open_index(uri, "g", encoder_fingerprint="enc-A")
+        with writer.create_version(VersionMeta("enc-A", "t", (Q, D), FIELDS)) as v:
+            v.upsert(["only"], toks[:1])
+        writer.activate(v.version)
+        writer.close()
+        calls.clear()
+        assert px.refresh() is True and calls == ["refresh"]
+        assert px.active_version == v.version != v1 and px.meta is not None
+        assert calls == ["refresh"]
+        hits = px.search(toks[0, 0], top_k=1)
+        assert hits.version == v.version and [h.id for h in hits] == ["only"]

@@ -21,7 +21,7 @@ import pytest
 
 from retrieval.index import open_index
 from retrieval.index.calibrate import calibrate_fast
-from retrieval.index.common import CALIBRATION_KEY, resolve_mode
+from retrieval.index.policy import CALIBRATION_KEY, resolve_mode
 from server.engine import Query
 from server.metrics import Metrics
 from server.recall_guard import RecallGuard, wilson_lower

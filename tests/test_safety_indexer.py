@@ -65,12 +65,11 @@ def cli(app: Typer, *args: str) -> Any:
 
 def state(index: Path) -> tuple[str | None, list[str], dict[str, Any]]:
     """(active version, versions, {id: (payload, tokens bytes)}) of index ``g``."""
-    from indexer.store import scroll
     from retrieval.index import open_index
 
     idx = open_index(f"edge:{index}", "g")
     try:
-        ids = [r.id for r in scroll(idx)]
+        ids = [r.id for r in idx.iter_records()]
         pts = {
             r.id: (json.dumps(r.payload, sort_keys=True), r.tokens.tobytes())  # type: ignore[union-attr]
             for r in idx.get(ids, with_vectors=True)

@@ -15,6 +15,7 @@ Usage::
     idx.upsert(ids, tokens, payloads)        # ids: list[str]; tokens: np.ndarray [N, Q, D]
     hits = idx.search(query, top_k=10, offset=0, filter={"category": "bag"}, mode="auto")
     hits[0].id, hits[0].score, hits[0].payload
+    hits.version, hits.mode, hits.note      # the version searched, the mode that ran, why
     idx.count(); idx.get(ids, with_vectors=True); idx.delete(ids)
     recs, nxt = idx.scroll(limit=256, offset=None, with_payload={"exclude": ["thumbnail"]})
     idx.iter_records(batch=1000); idx.sample(20, seed=7)
@@ -31,6 +32,13 @@ Usage::
 Filters: ``{"category": "bag", "price": {"gte": 10, "lt": 50}, "color": ["red", "blue"]}``
 (equality, range, any-of; all must hold) on fields declared in ``VersionMeta.fields``.
 Errors: see :mod:`retrieval.index.errors`.
+
+Layout: :mod:`~retrieval.index.api` (types, constants, the ``SearchView`` / ``ReadView``
+protocols), :mod:`~retrieval.index.gallery` (the one ``GalleryIndex``), the backends behind
+:mod:`~retrieval.index.backend` (:mod:`~retrieval.index.edge`,
+:mod:`~retrieval.index.qdrant_server`), :mod:`~retrieval.index.validate` (inputs),
+:mod:`~retrieval.index.filters` (the filter dialect), :mod:`~retrieval.index.policy` (modes,
+fast-L and oversampling), :mod:`~retrieval.index.process` (the search child process).
 """
 
 from __future__ import annotations
@@ -38,10 +46,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retrieval.index.api import (
     AUTO_FAST_MIN_POINTS,
+    CALIBRATION_KEY,
+    DEFAULT_URI,
     FIELD_TYPES,
     ID_KEY,
     MAX_TOP_K,
@@ -49,13 +59,13 @@ from retrieval.index.api import (
     USER_ID_KEY,
     FieldType,
     Filter,
-    GalleryIndex,
     Hit,
-    IndexView,
+    Hits,
     PayloadSelector,
+    ReadView,
     Record,
     SearchMode,
-    VersionHandle,
+    SearchView,
     VersionInfo,
     VersionMeta,
 )
@@ -68,10 +78,12 @@ from retrieval.index.errors import (
     InvalidQueryError,
     ModelMismatchError,
 )
+from retrieval.index.gallery import GalleryIndex, IndexView, VersionHandle
+
+if TYPE_CHECKING:
+    from retrieval.index.backend import Backend
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_URI = "edge:data/index"
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -99,7 +111,7 @@ def parse_uri(uri: str) -> tuple[str, str]:
 def validate_filter(flt: Filter | None, fields: Mapping[str, FieldType]) -> None:
     """Check a filter against declared fields without touching an index (e.g. to answer
     INVALID_ARGUMENT early); raises ``InvalidFilterError`` exactly as ``search`` would."""
-    from retrieval.index.common import parse_filter
+    from retrieval.index.filters import parse_filter
 
     parse_filter(flt, fields)
 
@@ -138,7 +150,29 @@ def open_index(
     ``options``: backend tuning (see docs/index.md), e.g. ``{"fast_recall": 0.99}``.
     """
     backend, location = parse_uri(uri)
-    common: dict[str, Any] = dict(
+    b: Backend
+    if backend == "edge":
+        from retrieval.index.edge import EdgeBackend
+
+        b = EdgeBackend(location, name, options or {})
+    else:
+        from retrieval.index.qdrant_server import QdrantBackend
+
+        env = os.environ
+        b = QdrantBackend(
+            location,
+            name,
+            uri=uri,
+            local=backend == "local",
+            api_key=api_key if api_key is not None else env.get("CIR_INDEX_API_KEY") or None,
+            shard_number=shard_number or int(env.get("CIR_INDEX_SHARD_NUMBER", "1")),
+            replication_factor=replication_factor
+            or int(env.get("CIR_INDEX_REPLICATION_FACTOR", "1")),
+            timeout=timeout,
+            options=options or {},
+        )
+    return GalleryIndex(
+        b,
         uri=uri,
         name=name,
         encoder_fingerprint=encoder_fingerprint,
@@ -149,26 +183,11 @@ def open_index(
         keep_versions=keep_versions,
         options=dict(options or {}),
     )
-    if backend == "edge":
-        from retrieval.index.edge import EdgeGalleryIndex
-
-        return EdgeGalleryIndex(location, **common)
-    from retrieval.index.qdrant_server import QdrantGalleryIndex
-
-    env = os.environ
-    return QdrantGalleryIndex(
-        location,
-        local=backend == "local",
-        api_key=api_key if api_key is not None else env.get("CIR_INDEX_API_KEY") or None,
-        shard_number=shard_number or int(env.get("CIR_INDEX_SHARD_NUMBER", "1")),
-        replication_factor=replication_factor or int(env.get("CIR_INDEX_REPLICATION_FACTOR", "1")),
-        timeout=timeout,
-        **common,
-    )
 
 
 __all__ = [
     "AUTO_FAST_MIN_POINTS",
+    "CALIBRATION_KEY",
     "DEFAULT_URI",
     "FIELD_TYPES",
     "ID_KEY",
@@ -180,6 +199,7 @@ __all__ = [
     "GalleryIndex",
     "GalleryIndexError",
     "Hit",
+    "Hits",
     "IndexInUseError",
     "IndexNotFoundError",
     "IndexUnavailableError",
@@ -188,8 +208,10 @@ __all__ = [
     "InvalidQueryError",
     "ModelMismatchError",
     "PayloadSelector",
+    "ReadView",
     "Record",
     "SearchMode",
+    "SearchView",
     "VersionHandle",
     "VersionInfo",
     "VersionMeta",

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.index.api import IndexView
+from retrieval.index.api import ReadView
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _unit_queries(query_vectors: np.ndarray) -> np.ndarray:
     return qv / norms
 
 
-def _proxy_queries(view: IndexView, queries: int, noise: float, seed: int) -> np.ndarray:
+def _proxy_queries(view: ReadView, queries: int, noise: float, seed: int) -> np.ndarray:
     recs = view.get(
         [r.id for r in view.sample(queries, seed=seed, with_payload=False)], True, False
     )
@@ -75,9 +75,7 @@ def _proxy_queries(view: IndexView, queries: int, noise: float, seed: int) -> np
     return np.asarray(qv / np.linalg.norm(qv, axis=1, keepdims=True), np.float32)
 
 
-def _pooled_ranks(
-    view: IndexView, qv: np.ndarray, top_k: int, batch: int
-) -> tuple[np.ndarray, int]:
+def _pooled_ranks(view: ReadView, qv: np.ndarray, top_k: int, batch: int) -> tuple[np.ndarray, int]:
     """``[M, k]`` rank in the ``pooled`` order (0 = first) of each query's exact MaxSim top-k
     points, and the number of points streamed."""
     n = view.count()
@@ -124,7 +122,7 @@ def _curve(ranks: np.ndarray, ladder: tuple[int, ...], n: int) -> dict[int, floa
 
 
 def _measure(
-    view: IndexView,
+    view: ReadView,
     *,
     top_k: int = 10,
     queries: int = 200,
@@ -157,7 +155,7 @@ def _measure(
 
 
 def measure_fast_recall(
-    view: IndexView,
+    view: ReadView,
     *,
     top_k: int = 10,
     queries: int = 200,
@@ -208,7 +206,7 @@ def choose_l_heldout(
 
 
 def calibrate_fast(
-    view: IndexView,
+    view: ReadView,
     recall_target: float = 0.99,
     *,
     heldout: float = 0.5,
@@ -217,7 +215,7 @@ def calibrate_fast(
 ) -> dict[str, Any]:
     """Measure (:func:`measure_fast_recall`) and choose L for ``recall_target`` on a fit /
     held-out split of the queries (see the module docstring). The result is what
-    :func:`~retrieval.index.common.fast_plan` reads from ``extra["fast_calibration"]``;
+    :func:`~retrieval.index.policy.fast_plan` reads from ``extra["fast_calibration"]``;
     ``"L": None`` means no L met the target on both parts: ``fast`` and ``auto`` then search
     exactly. ``measure`` may hold ``query_vectors`` (real queries; ``source`` names them:
     ``"composed"`` or ``"queries"``), ``queries``/``noise``/``seed`` (proxies), ``ladder``,

@@ -18,8 +18,14 @@ Every way the child can be lost raises :class:`IndexUnavailableError` (the serve
 UNAVAILABLE): a call in flight when it dies, and a restart that fails (the replacement killed
 while it opens the index, or refused by the backend). The next call starts a new child, which
 reopens the active version. The active version, its meta and its declared fields are kept in
-this process (they change only through :meth:`ProcessIndex.refresh` or a restart), so reading
-them costs no round trip and cannot fail.
+this process (they change only through :meth:`ProcessIndex.refresh` or a restart, which fetch
+them in the same round trip), so reading them costs no round trip and cannot fail.
+
+A search is one round trip, and its :class:`~retrieval.index.api.Hits` carry the version the
+child searched (and the mode it ran): a refresh swapping versions meanwhile cannot make the
+reported version another one's. ProcessIndex implements
+:class:`~retrieval.index.api.SearchView` (what the server types its index as); the reads are
+forwarded as they are (:func:`_forward`), the version facts are kept here.
 """
 
 from __future__ import annotations
@@ -32,19 +38,18 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from retrieval.index.api import Filter, Hit, PayloadSelector, Record, SearchMode, VersionMeta
+from retrieval.index.api import Hits, Record, SearchView, VersionInfo, VersionMeta
 from retrieval.index.errors import GalleryIndexError, IndexUnavailableError
 
 logger = logging.getLogger(__name__)
 
 #: Calls the child answers (anything else is refused: the proxy is not a general RPC).
+#: ``facts`` is the child's own: the version facts kept by the parent, in one round trip.
 _ALLOWED = frozenset(
     {
         "search",
@@ -63,8 +68,25 @@ _ALLOWED = frozenset(
         "backend",
         "versions",
         "set_fast_calibration",
+        "facts",
     }
 )
+
+
+def _facts(index: Any) -> dict[str, Any]:
+    """What the parent keeps of the served version (read in the child, one round trip)."""
+    return {
+        "active_version": index.active_version,
+        "meta": index.meta,
+        "declared_fields": dict(index.declared_fields()),
+        "backend": index.backend,
+    }
+
+
+def _refresh(index: Any) -> tuple[bool, dict[str, Any]]:
+    """``refresh()`` and the facts it leaves, in one round trip."""
+    changed = bool(index.refresh())
+    return changed, _facts(index)
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -88,7 +110,13 @@ def _serve(index: Any, conn: Connection) -> None:
         try:
             if name not in _ALLOWED:
                 raise GalleryIndexError(f"{name!r} is not served by the search process")
-            value = getattr(index, name)
+            value: Any
+            if op == "facts":
+                value = _facts(index)
+            elif op == "refresh":
+                value = _refresh(index)
+            else:
+                value = getattr(index, name)
             if op == "call":
                 value = value(*args, **kwargs)
             elif op == "list":  # generators cannot cross the pipe
@@ -144,8 +172,19 @@ def _child_main(fds: list[int]) -> None:
     index.close()
 
 
+def _forward(name: str, op: str = "call") -> Any:
+    """A method that runs ``index.<name>(*args, **kwargs)`` in the child (one round trip)."""
+
+    def method(self: ProcessIndex, *args: Any, **kwargs: Any) -> Any:
+        return self._call(op, name, *args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"``GalleryIndex.{name}``, run in the search process."
+    return method
+
+
 class ProcessIndex:
-    """The serving part of a :class:`~retrieval.index.api.GalleryIndex`, run in a child process.
+    """The serving part of a :class:`~retrieval.index.gallery.GalleryIndex`, run in a child process.
 
     ``uri``, ``name`` and ``open_kwargs`` are :func:`retrieval.index.open_index`'s; opening
     errors (``IndexNotFoundError``, ``ModelMismatchError``, ``IndexInUseError``...) are raised
@@ -198,17 +237,17 @@ class ProcessIndex:
         for _, child in pairs:
             child.close()  # the child's ends live in the child only: EOF when it dies
         conns = [Connection(parent.detach()) for parent, _ in pairs]
-        version: Any = None
+        facts: Any = None
         try:
             conns[0].send(
                 (self._uri, self._name, self._kwargs, logging.getLogger().getEffectiveLevel())
             )
             ok, value = conns[0].recv()
             if ok:  # what it opened (a restart may find a newer version than the last child's)
-                conns[0].send(("attr", "active_version", (), {}))
-                ok, version = conns[0].recv()
+                conns[0].send(("facts", "facts", (), {}))
+                ok, facts = conns[0].recv()
                 if not ok:
-                    ok, value = False, version
+                    ok, value = False, facts
         except (EOFError, OSError):
             for c in conns:
                 c.close()
@@ -227,7 +266,7 @@ class ProcessIndex:
             free.put(c)
         self._proc, self._conns, self._free = proc, conns, free
         self._generation += 1
-        self._set_facts({"active_version": version})
+        self._set_facts(facts)
         logger.info("index %r served by search process pid %d", self._name, proc.pid)
 
     def _stop_child(self, wait: float = 30.0) -> None:
@@ -248,13 +287,8 @@ class ProcessIndex:
         self._facts = dict(facts)
 
     def _fact(self, name: str) -> Any:
-        """A version fact of the child, fetched once per version."""
-        facts = self._facts
-        if name in facts:
-            return facts[name]
-        value = self._call("attr" if name != "declared_fields" else "call", name)
-        facts[name] = value
-        return value
+        """A version fact of the child (fetched with the version: no round trip)."""
+        return self._facts[name]
 
     def _ensure_child(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -305,82 +339,33 @@ class ProcessIndex:
             raise value
         return value
 
-    def search(
-        self,
-        query: np.ndarray,
-        top_k: int = 10,
-        offset: int = 0,
-        filter: Filter | None = None,
-        mode: SearchMode = "auto",
-    ) -> list[Hit]:
-        hits: list[Hit] = self._call(
-            "call", "search", np.asarray(query), top_k, offset, filter, mode
-        )
-        return hits
-
-    def search_batch(
-        self,
-        queries: np.ndarray,
-        top_k: int = 10,
-        offset: int = 0,
-        filter: Filter | None = None,
-        mode: SearchMode = "auto",
-    ) -> list[list[Hit]]:
-        q = np.asarray(queries)
-        hits: list[list[Hit]] = self._call("call", "search_batch", q, top_k, offset, filter, mode)
-        return hits
-
-    def get(
-        self, ids: Sequence[str], with_vectors: bool = False, with_payload: PayloadSelector = True
-    ) -> list[Record]:
-        recs: list[Record] = self._call("call", "get", list(ids), with_vectors, with_payload)
-        return recs
-
-    def find_by_user_id(
-        self, user_id: str, limit: int = 2, with_payload: PayloadSelector = True
-    ) -> list[Record]:
-        recs: list[Record] = self._call("call", "find_by_user_id", user_id, limit, with_payload)
-        return recs
-
-    def count(self, filter: Filter | None = None) -> int:
-        return int(self._call("call", "count", filter))
+    # the reads, forwarded as they are (same arguments, results and exceptions as in-process)
+    search: Callable[..., Hits] = _forward("search")
+    search_batch: Callable[..., list[Hits]] = _forward("search_batch")
+    get: Callable[..., list[Record]] = _forward("get")
+    find_by_user_id: Callable[..., list[Record]] = _forward("find_by_user_id")
+    count: Callable[..., int] = _forward("count")
+    scroll: Callable[..., tuple[list[Record], str | None]] = _forward("scroll")
+    sample: Callable[..., list[Record]] = _forward("sample")
+    describe: Callable[..., dict[str, Any]] = _forward("describe")
+    versions: Callable[..., list[VersionInfo]] = _forward("versions")
+    #: Every record, as one list (generators cannot cross the pipe: the child materialises it).
+    iter_records: Callable[..., list[Record]] = _forward("iter_records", "list")
 
     def declared_fields(self) -> dict[str, Any]:
         return dict(self._fact("declared_fields"))
 
-    def iter_records(self, **kwargs: Any) -> list[Record]:
-        """Every record, as one list (the child materialises the iterator)."""
-        recs: list[Record] = self._call("list", "iter_records", **kwargs)
-        return recs
-
-    def scroll(self, *args: Any, **kwargs: Any) -> tuple[list[Record], str | None]:
-        page: tuple[list[Record], str | None] = self._call("call", "scroll", *args, **kwargs)
-        return page
-
-    def sample(self, *args: Any, **kwargs: Any) -> list[Record]:
-        recs: list[Record] = self._call("call", "sample", *args, **kwargs)
-        return recs
-
-    def describe(self) -> dict[str, Any]:
-        return dict(self._call("call", "describe"))
-
-    def versions(self) -> list[Any]:
-        return list(self._call("call", "versions"))
-
     def refresh(self) -> bool:
-        """Switch the child to a newly activated version (see ``GalleryIndex.refresh``)."""
-        changed = bool(self._call("call", "refresh"))
-        if changed:
-            self._set_facts({"active_version": self._call("attr", "active_version")})
-        elif "meta" in self._facts:  # the child may have re-read a changed calibration
-            facts = self._facts
-            meta = self._call("attr", "meta")
-            if meta != facts.get("meta"):
-                facts["meta"] = meta
-        return changed
+        """Switch the child to a newly activated version (see ``GalleryIndex.refresh``); the
+        facts it leaves (a new version, or a calibration the child re-read) come back with it."""
+        changed, facts = self._call("refresh", "refresh")
+        self._set_facts(facts)
+        return bool(changed)
 
-    def set_fast_calibration(self, version: str, calibration: Any) -> VersionMeta:
-        """Forwarded (see ``EdgeGalleryIndex.set_fast_calibration``); the kept meta follows."""
+    def set_fast_calibration(
+        self, version: str, calibration: Mapping[str, Any] | None
+    ) -> VersionMeta:
+        """Forwarded (see ``GalleryIndex.set_fast_calibration``); the kept meta follows."""
         meta: VersionMeta = self._call("call", "set_fast_calibration", version, calibration)
         facts = self._facts
         if facts.get("active_version") == version:
@@ -399,6 +384,11 @@ class ProcessIndex:
         return meta
 
     @property
+    def options(self) -> dict[str, Any]:
+        """The search options the child's index was opened with."""
+        return dict(self._kwargs.get("options") or {})
+
+    @property
     def name(self) -> str:
         return self._name
 
@@ -408,7 +398,7 @@ class ProcessIndex:
 
     @property
     def backend(self) -> str:
-        return str(self._call("attr", "backend"))
+        return str(self._fact("backend"))
 
     @property
     def read_only(self) -> bool:
@@ -430,6 +420,10 @@ class ProcessIndex:
 
     def __repr__(self) -> str:
         return f"ProcessIndex({self._uri!r}, {self._name!r}, pid={self.pid})"
+
+
+def _implements_search_view(index: ProcessIndex) -> SearchView:  # checked by mypy
+    return index
 
 
 __all__ = ["ProcessIndex"]

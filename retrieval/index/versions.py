@@ -26,9 +26,9 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -231,21 +231,13 @@ class Catalog:
             data["activated_at"] = time.time()
             write_json_atomic(self.version_dir(version) / "meta.json", data)
 
-    def update_extra(self, version: str, extra: Mapping[str, Any]) -> VersionMeta:
-        """Merge ``extra`` into the version's ``meta.extra`` (None values delete keys)."""
+    def write_meta(self, version: str, meta: VersionMeta) -> None:
+        """Replace the version's metadata (the caller holds :meth:`mutex` around its
+        read-modify-write; created / activated_at are kept)."""
         with self.mutex():
             data = self._read_data(version)
-            meta = VersionMeta.from_json(data["meta"])
-            merged = dict(meta.extra)
-            for k, v in extra.items():
-                if v is None:
-                    merged.pop(k, None)
-                else:
-                    merged[k] = v
-            new = replace(meta, extra=merged)
-            data["meta"] = new.to_json()
+            data["meta"] = meta.to_json()
             write_json_atomic(self.version_dir(version) / "meta.json", data)
-            return new
 
     def new_version(self, meta: VersionMeta) -> str:
         """Reserve the next version id (mkdir is atomic, so racing creators get distinct ids)."""
