@@ -240,7 +240,7 @@ def start_ray(address: str | None) -> dict[str, Any]:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        for attempt in (1, 2):  # a loaded machine can miss Ray's 30 s raylet start-up wait
+        for attempt in (1, 2, 3):  # a loaded machine can miss Ray's 30 s raylet start-up wait
             try:
                 ray.init(
                     num_cpus=os.cpu_count(),
@@ -251,7 +251,7 @@ def start_ray(address: str | None) -> dict[str, Any]:
                 break
             except Exception:
                 ray.shutdown()
-                if attempt == 2:
+                if attempt == 3:
                     raise
     res = ray.cluster_resources()
     return {"version": ray.__version__, "cpus": res.get("CPU"), "gpus": res.get("GPU", 0)}

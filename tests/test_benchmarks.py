@@ -191,3 +191,16 @@ def test_rerank_benchmark_times_every_variant(tmp_path: Path) -> None:
     big = next(r for r in rows if r["reranker"] == "blip2-vitg patches (random)")
     assert big["new_bytes_per_image"] == 257 * 1408 * 2 and big["vit_gflops_per_candidate"] > 100
     assert "| demo (committed) | patches |" in res.stdout
+
+
+def test_indexer_benchmark_puts_the_ray_executor_beside_inprocess(tmp_path: Path) -> None:
+    """`benchmarks/indexer.py --executor inprocess,ray` builds the same images with both
+    executors in one run (Ray: a local cluster, a cold and a warm build) and prints the ratio."""
+    out = tmp_path / "ix.json"
+    args = ["--presets", "tiny", "--n", "tiny=24", "--batch-size", "8", "--workers", "0"]
+    res = _run("indexer.py", [*args, "--executor", "inprocess,ray"], out, timeout=1200)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["executor"] for r in rows] == ["inprocess", "ray (cold)", "ray (warm)"]
+    assert all(r["indexed"] == 24 and r["verified"] for r in rows)
+    assert all(r["images_per_s_end_to_end"] > 0 for r in rows)
+    assert "| ratio to inprocess |" in res.stdout and "| tiny | ray (warm) | 24 |" in res.stdout
