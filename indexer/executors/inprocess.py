@@ -11,7 +11,7 @@ import numpy as np
 
 from indexer import runner
 from indexer.decode import DecodedBatch, ImageDataset, collate, worker_init
-from indexer.executors import Job, RunResult
+from indexer.executors.base import Job, RunResult
 from indexer.stages import Progress, WriteBatch, Writer, encode_pixels, progress_writer
 
 logger = logging.getLogger(__name__)

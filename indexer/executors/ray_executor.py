@@ -36,7 +36,7 @@ import numpy as np
 from indexer import runner
 from indexer.config import BuildConfig, IndexerError
 from indexer.decode import Decoded, DecodedBatch, ImageDataset, PresentSet, collate
-from indexer.executors import Job, RunResult
+from indexer.executors.base import Job, RunResult
 from indexer.report import Report
 from indexer.stages import (
     Progress,
