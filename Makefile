@@ -31,6 +31,9 @@ demo: setup
 # The demo model: generate the world, train sprc-small from scratch (about 75 min on 2 CPU
 # cores, both torch threads: keep the machine otherwise idle), evaluate, write the card; then
 # the second stage (make demo-reranker) on top of it.
+# 7400 steps took 73 min (0.59 s/step) on the machine that trained the committed model; a
+# machine at ~1.2 s/step stops at the 85-min budget, so the cosine schedule never anneals: there,
+# pass TRAIN_FLAGS with a smaller --max-steps (3600 fits; docs/rerank.md has what it reached).
 TRAIN_FLAGS ?= --init sprc-small --batch-size 64 --max-steps 7400 --lr 8e-4 --warmup 0.03 \
 	--train-vit --group-by-reference --reference-negatives --caption-loss 1.0 --hard-negatives 1 \
 	--num-threads 2 \
