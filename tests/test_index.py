@@ -977,3 +977,15 @@ def test_backend_contract(backend, tmp_path):
     with pytest.raises(IndexNotFoundError):
         b.read_meta(v1)
     idx.close()
+
+
+def test_a_dead_qdrant_server_is_unavailable_not_a_crash() -> None:
+    """A Qdrant URL nobody listens on: the transport's error (httpx, or grpc with
+    prefer_grpc) becomes IndexUnavailableError (the server's UNAVAILABLE), quickly."""
+    from retrieval.index import IndexUnavailableError
+    from tests.helpers import free_port
+
+    t0 = time.time()
+    with pytest.raises(IndexUnavailableError, match="unreachable|unavailable"):
+        open_index(f"qdrant:http://127.0.0.1:{free_port()}", "g", encoder_fingerprint="e")
+    assert time.time() - t0 < 30

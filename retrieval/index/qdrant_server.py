@@ -23,6 +23,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+import httpx
 import numpy as np
 
 from retrieval.index.api import ID_KEY, SEARCH_PAYLOAD, USER_ID_KEY, Hit, Record, VersionMeta
@@ -52,8 +54,11 @@ def _models() -> Any:
     return models
 
 
+# qdrant-client's local mode (qdrant_client/local/) raises plain ValueErrors whose text is the
+# only thing that tells a missing or an existing collection apart: the one place the index reads
+# an exception's text, and only for ValueErrors of local mode (the server's are status codes).
 def _is_not_found(exc: BaseException) -> bool:
-    """qdrant-client's local mode raises a plain ValueError for a missing collection."""
+    """Local mode's ValueError for a missing collection."""
     text = str(exc).lower()
     return "not found" in text or "doesn't exist" in text or "does not exist" in text
 
@@ -327,11 +332,8 @@ class QdrantBackend:
             if _is_not_found(exc):
                 raise IndexNotFoundError(f"{self.uri}: {exc}") from exc
             raise
-        except Exception as exc:
-            name = type(exc).__name__
-            if name in ("RpcError", "_InactiveRpcError", "ConnectError", "ConnectTimeout"):
-                raise IndexUnavailableError(f"Qdrant at {self.uri} unreachable: {exc}") from exc
-            raise
+        except (grpc.RpcError, httpx.TransportError) as exc:  # gRPC / REST transport
+            raise IndexUnavailableError(f"Qdrant at {self.uri} unreachable: {exc}") from exc
 
     def collection(self, version: str) -> str:
         return f"{self.name}__{version}"
