@@ -101,7 +101,13 @@ FieldOpt = Annotated[
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images per batch")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="decode worker processes")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, auto")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16, auto")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto | fp32 | bf16 | fp16 (retrieval.precision; float32 | bfloat16 | float16 also accepted)",
+    ),
+]
 NumThreadsOpt = Annotated[int | None, typer.Option("--num-threads", help="torch threads")]
 ShardOpt = Annotated[str, typer.Option("--shard", help="i/n: this run's partition")]
 IncrementalOpt = Annotated[

@@ -46,7 +46,11 @@ def serve_cmd(
         None, "--metrics-port", help="Prometheus port (default 9095; 0: off)."
     ),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda | auto"),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | auto"),
+    dtype: str | None = typer.Option(
+        None,
+        "--dtype",
+        help="auto | fp32 | bf16 | fp16 (retrieval.precision; float32 | bfloat16 | float16 also accepted)",
+    ),
     num_threads: int | None = typer.Option(None, "--num-threads", help="Torch CPU threads."),
     batch_threads: int | None = typer.Option(
         None, "--batch-threads", help="Torch threads for batches of 4+ queries (default: same)."

@@ -66,7 +66,7 @@ class ServerSettings(BaseSettings):
 
     # --- model runtime
     device: str = "cpu"  # cpu | cuda | auto
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    dtype: str = "float32"  # retrieval.precision: auto | fp32 | bf16 | fp16 (or float32 | bfloat16 | float16)
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads (None: torch default)
     # torch threads for batches of BATCH_THREADS_MIN+ queries (None: num_threads); a lone query's
     # small matmuls lose more to thread hand-offs than they gain, a batch's do not
