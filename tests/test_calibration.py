@@ -16,18 +16,9 @@ from typer.testing import CliRunner
 
 from retrieval.index import open_index
 from retrieval.index.policy import CALIBRATION_KEY, resolve_mode, uncalibrated_reason
+from tests.helpers.indexing import build_config
 
 N, Q, D = 1200, 8, 16
-
-
-@pytest.fixture(scope="module")
-def enc() -> Any:
-    import torch
-
-    torch.set_num_threads(1)
-    from retrieval import Encoder
-
-    return Encoder.from_pretrained("tiny", device="cpu", dtype="float32")
 
 
 @pytest.fixture
@@ -140,21 +131,7 @@ def write_images(folder: Path, n: int) -> None:
 
 
 def cfg(source: Path, index: Path, **kw: Any) -> Any:
-    from indexer.pipeline import BuildConfig
-
-    base: dict[str, Any] = dict(
-        index=f"edge:{index}",
-        name="g",
-        model="tiny",
-        allow_untrained=True,
-        batch_size=8,
-        workers=0,
-        progress=False,
-        verify_sample=4,
-        calibrate_min_points=0,
-    )
-    base.update(kw)
-    return BuildConfig(source=source, **base)
+    return build_config(source, index, **{"verify_sample": 4, "calibrate_min_points": 0, **kw})
 
 
 def test_build_calibrates_on_composed_queries(tmp_path: Path, enc: Any) -> None:

@@ -22,37 +22,17 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from indexer.decode import image_id
-from indexer.pipeline import BuildConfig, IndexerError, build
+from indexer.pipeline import IndexerError, build
 from indexer.sources import SourceError, parse_shard, read_source, shard_of
 from tests.helpers import bad_inputs, write_images
+from tests.helpers.indexing import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOAD_KEYS = {"path", "relpath", "sha256", "width", "height", "bytes", "mime", "thumbnail"}
 
 
-@pytest.fixture(scope="module")
-def enc() -> Any:
-    import torch
-
-    torch.set_num_threads(1)
-    from retrieval import Encoder
-
-    return Encoder.from_pretrained("tiny", device="cpu", dtype="float32")
-
-
-def cfg(source: Path, index: Path, **kw: Any) -> BuildConfig:
-    base: dict[str, Any] = dict(
-        index=f"edge:{index}",
-        name="g",
-        model="tiny",
-        allow_untrained=True,  # random weights are refused by default; these tests use them
-        batch_size=8,
-        workers=0,
-        progress=False,
-        verify_sample=8,
-    )
-    base.update(kw)
-    return BuildConfig(source=source, **base)
+def cfg(source: Path, index: Path, **kw: Any) -> Any:
+    return build_config(source, index, **kw)
 
 
 def open_g(index: Path, **kw: Any) -> Any:

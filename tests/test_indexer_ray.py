@@ -23,8 +23,9 @@ import psutil
 import pytest
 
 from indexer.decode import Decoded, image_id
-from indexer.pipeline import BuildConfig, IndexerError, build
+from indexer.pipeline import IndexerError, build
 from tests.helpers import bad_inputs, write_images
+from tests.helpers.indexing import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,30 +47,8 @@ def cluster() -> Any:
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def enc() -> Any:
-    import torch
-
-    torch.set_num_threads(1)
-    from retrieval import Encoder
-
-    return Encoder.from_pretrained("tiny", device="cpu", dtype="float32")
-
-
-def cfg(source: Path, index: Path, **kw: Any) -> BuildConfig:
-    base: dict[str, Any] = dict(
-        index=f"edge:{index}",
-        name="g",
-        model="tiny",
-        allow_untrained=True,
-        batch_size=8,
-        workers=0,
-        progress=False,
-        verify_sample=8,
-        num_threads=1,
-    )
-    base.update(kw)
-    return BuildConfig(source=source, **base)
+def cfg(source: Path, index: Path, **kw: Any) -> Any:
+    return build_config(source, index, **{"num_threads": 1, **kw})
 
 
 def points(index: Path) -> dict[str, tuple[dict[str, Any], np.ndarray]]:

@@ -21,20 +21,11 @@ from typer.testing import CliRunner
 from indexer.cli import register
 from indexer.pipeline import BuildConfig, IndexerError, build
 from tests.helpers import random_image, write_images
+from tests.helpers.indexing import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--allow-untrained", "--workers", "0", "--no-progress"]
 TINY += ["--batch-size", "16", "--verify-sample", "8"]
-
-
-@pytest.fixture(scope="module")
-def enc() -> Any:
-    import torch
-
-    torch.set_num_threads(1)
-    from retrieval import Encoder
-
-    return Encoder.from_pretrained("tiny", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +35,8 @@ def app() -> Typer:
     return a
 
 
-def cfg(source: Path, index: Path, **kw: Any) -> BuildConfig:
-    base: dict[str, Any] = dict(
-        index=f"edge:{index}",
-        name="g",
-        model="tiny",
-        allow_untrained=True,
-        batch_size=16,
-        workers=0,
-        progress=False,
-        verify_sample=8,
-    )
-    base.update(kw)
-    return BuildConfig(source=source, **base)
+def cfg(source: Path, index: Path, **kw: Any) -> Any:
+    return build_config(source, index, **{"batch_size": 16, **kw})
 
 
 def cli(app: Typer, *args: str) -> Any:

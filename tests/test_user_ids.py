@@ -16,36 +16,16 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from indexer.pipeline import BuildConfig, build
+from indexer.pipeline import build
 from indexer.sources import IMAGE_EXTENSIONS, SourceError, read_source
 from retrieval.imageio import IMAGE_EXTENSIONS as READABLE
 from retrieval.imageio import ImageDecodeError, decode_image
 from tests.helpers import write_images
+from tests.helpers.indexing import build_config
 
 
-@pytest.fixture(scope="module")
-def enc() -> Any:
-    import torch
-
-    torch.set_num_threads(1)
-    from retrieval import Encoder
-
-    return Encoder.from_pretrained("tiny", device="cpu", dtype="float32")
-
-
-def cfg(source: Path, index: Path, **kw: Any) -> BuildConfig:
-    base: dict[str, Any] = dict(
-        index=f"edge:{index}",
-        name="g",
-        model="tiny",
-        allow_untrained=True,
-        batch_size=8,
-        workers=0,
-        progress=False,
-        verify_sample=4,
-    )
-    base.update(kw)
-    return BuildConfig(source=source, **base)
+def cfg(source: Path, index: Path, **kw: Any) -> Any:
+    return build_config(source, index, **{"verify_sample": 4, **kw})
 
 
 def write_manifest(path: Path, rows: list[dict[str, Any]]) -> Path:
