@@ -94,11 +94,12 @@ def make_images(folder: Path, n: int, size: tuple[int, int] = (256, 192)) -> Non
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
     for i in range(n):
-        # smooth-ish content (upscaled noise + per-image shift) so JPEG sizes are realistic
-        arr = np.roll(base, i, axis=(0, 1)) ^ np.uint8(i % 256)
+        # smooth-ish content (upscaled noise) so JPEG sizes are realistic; noise of its own per
+        # image, so every image is a distinct content at any N (a shifted shared base repeated
+        # after 768 images, and the duplicates were hashed but never encoded in-process)
+        grid = np.random.default_rng(i).integers(0, 256, (size[1] // 8, size[0] // 8, 3))
+        arr = grid.astype(np.uint8)
         im = Image.fromarray(arr).resize(size, Image.Resampling.BILINEAR)
         im.save(folder / f"img{i:05d}.jpg", quality=90)
 
