@@ -3,13 +3,15 @@ facade, so the executors never import the package that picks them)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from indexer import runner
 from indexer.config import BuildConfig
 from indexer.decode import PresentSet
 from indexer.report import Report
-from indexer.stages import Ledger
+from indexer.stages import Ledger, Progress, Writer, progress_writer
 
 if TYPE_CHECKING:
     from retrieval.encoder import Encoder
@@ -44,3 +46,27 @@ class RunResult:
 
 class Executor(Protocol):
     def run(self, job: Job) -> RunResult: ...
+
+
+def run_stages(
+    job: Job,
+    progress: Progress,
+    reader: Callable[[], Iterable[Any]],
+    mapper: Callable[[], Callable[[Any], Any]],
+) -> tuple[runner.RunStats, Writer]:
+    """Both executors' tail: the runner over ``reader`` / ``mapper`` into the job's version
+    through one writer thread (progress lines as points land); the progress bar is closed
+    whatever happens. Returns the runner's stats and the writer (its counts and timings)."""
+    cfg = job.cfg
+    holder: dict[str, Writer] = {}
+
+    def writer() -> Writer:
+        on_written = progress_writer(cfg, job.report, len(job.items), lambda: progress.done)
+        holder["w"] = Writer(job.view, cfg.write_queue, cfg.flush_every, on_written)
+        return holder["w"]
+
+    try:
+        stats = runner.run(reader, mapper, writer, lambda b: progress.update(len(b.items)))
+    finally:
+        progress.close()
+    return stats, holder["w"]

@@ -9,10 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from indexer import runner
 from indexer.decode import DecodedBatch, ImageDataset, collate, worker_init
-from indexer.executors.base import Job, RunResult
-from indexer.stages import Progress, WriteBatch, Writer, encode_pixels, progress_writer
+from indexer.executors.base import Job, RunResult, run_stages
+from indexer.stages import Progress, WriteBatch, encode_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +25,6 @@ class InProcessExecutor:
         cfg, enc, ledger = job.cfg, job.enc, job.ledger
         progress = Progress(cfg, len(job.items))
         encode_s = 0.0
-        holder: dict[str, Writer] = {}
         loader: Any = None
 
         def reader() -> Any:
@@ -75,15 +73,8 @@ class InProcessExecutor:
 
             return encode
 
-        def writer() -> Writer:
-            on_written = progress_writer(cfg, job.report, len(job.items), lambda: progress.done)
-            holder["w"] = Writer(job.view, cfg.write_queue, cfg.flush_every, on_written)
-            return holder["w"]
-
         try:
-            stats = runner.run(reader, mapper, writer, lambda b: progress.update(len(b.items)))
+            stats, w = run_stages(job, progress, reader, mapper)
         finally:
-            progress.close()
             del loader
-        w = holder["w"]
         return RunResult(w.written, stats.wait_s, encode_s, w.busy_s, w.blocked_s)

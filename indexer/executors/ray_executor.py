@@ -33,19 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from indexer import runner
 from indexer.config import BuildConfig, IndexerError
 from indexer.decode import Decoded, DecodedBatch, ImageDataset, PresentSet, collate
-from indexer.executors.base import Job, RunResult
+from indexer.executors.base import Job, RunResult, run_stages
 from indexer.report import Report
 from indexer.stages import (
     Progress,
     WriteBatch,
-    Writer,
     apply_updates,
     encode_pixels,
     load_encoder,
-    progress_writer,
 )
 
 logger = logging.getLogger(__name__)
@@ -325,7 +322,6 @@ class RayExecutor:
         cfg, ledger = job.cfg, job.ledger
         parallel = _parallel_writes(cfg)
         progress = Progress(cfg, len(job.items))
-        holder: dict[str, Writer] = {}
         encode_s = 0.0
         dup_winners: dict[str, Any] = {}  # parallel writes: id -> the item whose payload wins
 
@@ -369,17 +365,8 @@ class RayExecutor:
 
             return select
 
-        def writer() -> Writer:
-            on_written = progress_writer(cfg, job.report, len(job.items), lambda: progress.done)
-            holder["w"] = Writer(job.view, cfg.write_queue, cfg.flush_every, on_written)
-            return holder["w"]
-
-        try:
-            stats = runner.run(reader, mapper, writer, lambda b: progress.update(len(b.items)))
-        finally:
-            progress.close()
+        stats, w = run_stages(job, progress, reader, mapper)
         if dup_winners:  # parallel writes: the first item's payload, as in-process
             apply_updates(job.view, list(dup_winners.items()), Report())
             job.view.flush()
-        w = holder["w"]
         return RunResult(w.written, stats.wait_s, encode_s, w.busy_s, w.blocked_s)
