@@ -65,7 +65,7 @@ def start_server(model: str, work: Path, name: str, args: Any) -> tuple[Any, int
         "serve", "--model", model, "--index", f"edge:{work}", "--name", name,
         "--port", str(port), "--metrics-port", "0", "--max-batch", str(args.max_batch),
         "--max-wait-ms", str(args.max_wait_ms), "--refresh-interval-s", "0",
-        "--log-format", "text",
+        "--log-format", "text", "--rerank", str(args.rerank),
     ]  # fmt: skip
     env = dict(os.environ)
     if not Path(model).is_dir():
@@ -74,12 +74,17 @@ def start_server(model: str, work: Path, name: str, args: Any) -> tuple[Any, int
         env["CIR_NUM_THREADS"] = str(args.threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     with CIRClient(f"127.0.0.1:{port}", timeout=5) as c:
-        try:
-            c.wait_ready(180)
-        except Exception:
-            proc.kill()
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"server did not start: {err[-2000:]}") from None
+        deadline = time.monotonic() + 180
+        while True:  # short waits, so a server that exits at start-up is reported at once
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"server did not start: {err[-2000:]}")
+            try:
+                c.wait_ready(2)
+                break
+            except Exception:
+                continue
     return proc, port
 
 
@@ -208,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument("--rerank", type=int, default=0,
+                   help="the server's default rerank_k (0: first stage only; the synthetic "
+                        "gallery stores no ViT tokens for the demo re-ranker)")  # fmt: skip
     p.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench-overload")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args(argv)
