@@ -28,12 +28,11 @@ setup-browser:
 demo: setup
 	$(BIN)/cir demo
 
-# The demo model: generate the world, train sprc-small from scratch (about 75 min on 2 CPU
+# The demo model: generate the world, train sprc-small from scratch (at most 85 min on 2 CPU
 # cores, both torch threads: keep the machine otherwise idle), evaluate, write the card; then
-# the second stage (make demo-reranker) on top of it.
-# 7400 steps took 73 min (0.59 s/step) on the machine that trained the committed model; a
-# machine at ~1.2 s/step stops at the 85-min budget, so the cosine schedule never anneals: there,
-# pass TRAIN_FLAGS with a smaller --max-steps (3600 fits; docs/rerank.md has what it reached).
+# the second stage (make demo-reranker, ~17 min) on top of it.
+# The committed model ran 6200 of the 7400 steps in the 85-min budget (~0.82 s/step; the cosine
+# schedule was at 6 % of its peak lr); a machine at 0.6 s/step runs all 7400 in ~75 min.
 TRAIN_FLAGS ?= --init sprc-small --batch-size 64 --max-steps 7400 --lr 8e-4 --warmup 0.03 \
 	--train-vit --group-by-reference --reference-negatives --caption-loss 1.0 --hard-negatives 1 \
 	--num-threads 2 \
@@ -51,8 +50,8 @@ demo-model: setup-python
 	$(MAKE) demo-reranker
 
 # The second stage on the committed first stage (models/sprc-shapes): features of the train
-# split and mining once, then at most 55 min of training on 2 cores; the card gains the
-# first-stage-alone and re-ranked figures of one run.
+# split and mining once (~11 min), then at most 55 min of training on 2 cores (2500 steps took
+# 6 min); the card gains the first-stage-alone and re-ranked figures of one run.
 RERANK_THREADS ?= 2
 RERANK_FLAGS ?= --features patches --width 64 --max-steps 2500 --batch-size 32 --negatives 15 --in-batch 8 \
 	--mine-k 50 --lr 5e-4 --seed 0 --num-threads $(RERANK_THREADS) --val-every 1000 \
