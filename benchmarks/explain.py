@@ -131,7 +131,7 @@ def main() -> None:
 
     from retrieval.data.triplets import load_triplets, resolve_path
     from retrieval.encoder import Encoder
-    from retrieval.explain import CAM_METHODS, Explainer
+    from retrieval.explain import CAM_METHODS, WORD_METHODS, Explainer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="models/sprc-shapes", help="checkpoint folder or preset")
@@ -148,6 +148,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="triples explained per batch")
     ap.add_argument("--latency-reps", type=int, default=30, help="single Explains timed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument(
+        "--scorer",
+        choices=("auto", "maxsim", "rerank"),
+        default="auto",
+        help="the score explained: auto = the re-ranker's when the model folder has one (what "
+        "the server explains when it re-ranks), else MaxSim",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()
     if args.threads:
@@ -179,7 +186,17 @@ def main() -> None:
                 json.dumps({"model": args.model, "dtype": args.dtype, "latency_ms": times}) + "\n"
             )
         return
-    ex = Explainer(enc)
+    scorer = None
+    if args.scorer != "maxsim":
+        from retrieval.rerank import RerankPixelScorer, load_reranker_for
+
+        rr = load_reranker_for(args.model, None, enc) if Path(args.model).is_dir() else None
+        if rr is None and args.scorer == "rerank":
+            ap.error(f"{args.model} has no re-ranker")
+        if rr is not None:
+            scorer = RerankPixelScorer(enc.model, rr)
+    ex = Explainer(enc, scorer=scorer)
+    explained_score = "re-ranker" if scorer is not None else "MaxSim"
     if ex.rows != GRID:
         print(
             f"note: the model has a {ex.rows}x{ex.cols} patch grid, not the world's {GRID}x{GRID}:"
@@ -200,6 +217,7 @@ def main() -> None:
     deletion = {m: [0, 0] for m in CAM_METHODS}  # [wins, n]
     deletion_chance = [0, 0]
     words_hit: collections.Counter[str] = collections.Counter()
+    words_by_method: collections.Counter[str] = collections.Counter()
     words_n: collections.Counter[str] = collections.Counter()
     words_chance: list[float] = []
     latency: list[float] = []
@@ -222,7 +240,9 @@ def main() -> None:
         explained += list(zip(chunk, refs, tgts, exps, strict=True))
     for t, ref_img, tgt_img, _ in explained[: args.latency_reps]:
         t0 = time.perf_counter()
-        ex.explain(ref_img, t.caption, tgt_img)  # one request's work: PIL in, maps and words out
+        # one request's work: PIL in, maps and words out (the server skips the attention map
+        # when it explains the re-ranker: one MaxSim pass fewer)
+        ex.explain(ref_img, t.caption, tgt_img, attention=scorer is None)
         latency.append(time.perf_counter() - t0)
 
     for t, ref_img, tgt_img, e in explained:
@@ -274,6 +294,9 @@ def main() -> None:
             ranked = sorted(e.words, key=lambda w: -w.score)
             words_n[op["op"]] += 1
             words_hit[op["op"]] += int(any(w.word in wanted for w in ranked[:2]))
+            for m, ws in e.word_variants.items():
+                top2 = sorted(ws, key=lambda w: -w.score)[:2]
+                words_by_method[m] += int(any(w.word in wanted for w in top2))
             n_hits = sum(1 for w in e.words if w.word in wanted)
             words_chance.append(top2_chance(len(e.words), n_hits))
 
@@ -288,6 +311,7 @@ def main() -> None:
         "triplets": n,
         "threads": torch.get_num_threads(),
         "default_cam": ex.cam,
+        "score": explained_score,
         "pointing": {
             m: {
                 "all": sum(point[m].values()) / max(1, sum(point_n.values())),
@@ -308,6 +332,10 @@ def main() -> None:
         "deletion_chance": deletion_chance[0] / max(1, deletion_chance[1]),
         "words": sum(words_hit.values()) / max(1, sum(words_n.values())),
         "words_by_type": {k: words_hit[k] / words_n[k] for k in words_n},
+        "words_by_method": {
+            m: words_by_method[m] / max(1, sum(words_n.values())) for m in WORD_METHODS
+        },
+        "default_words": ex.words_method,
         "words_n": sum(words_n.values()),
         "words_chance": statistics.mean(words_chance) if words_chance else 0.0,
         "latency_p50_ms": lat_ms,
@@ -320,7 +348,10 @@ def main() -> None:
         result["pointing"][m]["candidate_edits"] = hits / max(1, cand_n)
 
     types = [k for k in SINGLE if point_n[k]]
-    print(f"{n} single-edit triplets of {args.data} ({args.split}), model {enc.fingerprint}")
+    print(
+        f"{n} single-edit triplets of {args.data} ({args.split}), model {enc.fingerprint}, "
+        f"explaining the {explained_score} score"
+    )
     print(
         f"chance: pointing 1/9 = {100 * result['pointing_chance_cell']:.1f} % per cell, "
         f"{100 * result['pointing_chance_object']:.1f} % per object"
@@ -351,6 +382,10 @@ def main() -> None:
         f"\nwords (new value ranks 1st or 2nd): {100 * result['words']:.1f} % "
         f"(n={result['words_n']}), chance {100 * result['words_chance']:.1f} %; by type "
         + ", ".join(f"{k} {100 * v:.1f} %" for k, v in result["words_by_type"].items())
+    )
+    print(
+        "  by baseline: "
+        + ", ".join(f"{m} {100 * v:.1f} %" for m, v in result["words_by_method"].items())
     )
     print(
         f"\nExplain latency p50 {lat_ms:.1f} ms ({torch.get_num_threads()} threads); "

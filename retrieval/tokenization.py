@@ -72,6 +72,7 @@ class QFormerTokenizer:
         self.cls_token_id = vocab["[CLS]"]
         self.sep_token_id = vocab["[SEP]"]
         self.unk_token_id = vocab["[UNK]"]
+        self.mask_token_id = vocab.get("[MASK]", self.unk_token_id)
         self.bos_token_id = vocab["[DEC]"]
 
     @classmethod

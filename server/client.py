@@ -187,8 +187,8 @@ class Explanation:
     """What ``explain`` returns: why ``candidate_id`` scored ``score`` for the query."""
 
     score: float
-    candidate_map: Heatmap  # Grad-CAM on the candidate's patches
-    reference_map: Heatmap  # Grad-CAM on the reference's patches
+    candidate_map: Heatmap  # Grad-CAM on the candidate's patches (against the reference's)
+    reference_map: Heatmap  # Grad-CAM on the reference's patches (against the candidate's)
     words: list[WordScore]  # the caption's words in order
 
 

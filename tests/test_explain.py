@@ -15,7 +15,14 @@ from PIL import Image
 
 from retrieval.data.shapes import parse_signature, render_scene
 from retrieval.encoder import Encoder
-from retrieval.explain import CAM_METHODS, Explainer, MaxSimScorer, grad_cam, overlay_png
+from retrieval.explain import (
+    CAM_METHODS,
+    WORD_METHODS,
+    Explainer,
+    MaxSimScorer,
+    grad_cam,
+    overlay_png,
+)
 from tests.helpers import Gallery, build_shapes_gallery, png, start_server
 
 REF_SIG = "0:red-circle-L|4:blue-square-S"
@@ -47,6 +54,19 @@ def test_grad_cam_formulas() -> None:
     np.testing.assert_allclose(classic, [[1.0, 0.0], [0.0, 3.0]])
     with pytest.raises(ValueError, match="cam method"):
         grad_cam(a, g, 2, 2, "nope")
+    # contrast: |sum_c (a - b) * g| against the other image's tokens b
+    b = a.clone()
+    b[1] = torch.tensor([0.0, 0.0])  # patch 0: (1, 0) . (2, 0) = 2
+    b[4] = torch.tensor([5.0, -1.0])  # patch 3: (-2, 0) . (1, 0) = -2 -> 2
+    np.testing.assert_allclose(
+        grad_cam(a, g, 2, 2, "contrast", baseline=b), [[2.0, 0.0], [0.0, 2.0]]
+    )
+    np.testing.assert_allclose(
+        grad_cam(a, g, 2, 2, "contrast", baseline=b, signed=True), [[2.0, 0.0], [0.0, -2.0]]
+    )
+    np.testing.assert_allclose(grad_cam(a, g, 2, 2, "contrast", baseline=a), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="baseline"):
+        grad_cam(a, g, 2, 2, "contrast")
 
 
 def test_maps_have_the_patch_grid_and_the_score_is_maxsim(
@@ -59,8 +79,13 @@ def test_maps_have_the_patch_grid_and_the_score_is_maxsim(
     for m in (e.candidate_map, e.reference_map, e.attention_map):
         assert m is not None and m.shape == (side, side) and m.dtype == np.float32
         assert (m >= 0).all()
-    assert set(e.variants) == {f"{w}/{c}" for w in ("candidate", "reference") for c in CAM_METHODS}
-    np.testing.assert_array_equal(e.candidate_map, e.variants["candidate/hirescam"])
+    methods = [*CAM_METHODS, "contrast_signed"]
+    assert set(e.variants) == {f"{w}/{c}" for w in ("candidate", "reference") for c in methods}
+    np.testing.assert_allclose(
+        e.variants["candidate/contrast"], np.abs(e.variants["candidate/contrast_signed"])
+    )
+    np.testing.assert_array_equal(e.candidate_map, e.variants["candidate/contrast"])
+    np.testing.assert_array_equal(e.reference_map, e.variants["reference/contrast"])
     # the explained score is exactly what Search ranks by
     q = encoder.encode_queries([ref], [CAPTION])[0]
     t = encoder.encode_targets([cand])[0]
@@ -122,6 +147,33 @@ def test_word_attribution_is_gradient_x_input(encoder: Encoder, explainer: Expla
     finally:
         handle.remove()
     assert (bumped - base) / eps == pytest.approx(e.words[target].score, rel=0.05, abs=1e-4)
+
+
+def test_contrast_map_is_zero_where_the_images_agree(explainer: Explainer) -> None:
+    """Against itself there is no difference to explain; against the reference the candidate
+    map of an added object is non-zero."""
+    ref = scene(REF_SIG, 1)
+    same = explainer.explain(ref, CAPTION, ref)
+    np.testing.assert_allclose(same.variants["candidate/contrast"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(same.variants["reference/contrast"], 0.0, atol=1e-6)
+    e = explainer.explain(ref, CAPTION, scene(REF_SIG + "|8:green-cross-L", 2))
+    assert set(e.word_variants) == set(WORD_METHODS)
+    assert [w.word for w in e.word_variants["mask"]] == [w.word for w in e.words]
+
+
+def test_word_baselines_differ_by_the_baseline_term(encoder: Encoder, explainer: Explainer) -> None:
+    """grad x (e - b) = grad x e - grad . b: the words' scores of two baselines differ by the
+    gradient's dot product with the baseline embedding, which is what separates them."""
+    ref, cand = scene(REF_SIG, 1), scene(REF_SIG + "|8:green-cross-L", 2)
+    e = explainer.explain(ref, CAPTION, cand)
+    plain = np.array([w.score for w in e.word_variants["input"]])
+    mask = np.array([w.score for w in e.word_variants["mask"]])
+    assert plain.shape == mask.shape and not np.allclose(plain, mask)
+    np.testing.assert_allclose([w.score for w in e.words], plain)  # the default: input
+    with pytest.raises(ValueError, match="words must be"):
+        Explainer(encoder, words="nope")
+    by_mask = Explainer(encoder, words="mask").explain(ref, CAPTION, cand)
+    np.testing.assert_allclose([w.score for w in by_mask.words], mask, rtol=1e-4, atol=1e-6)
 
 
 def test_batch_equals_single(explainer: Explainer) -> None:
@@ -361,8 +413,10 @@ def test_faithfulness_benchmark_runs_and_reports_chance(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["triplets"] == 14
-    assert set(doc["pointing"]) == {"gradcam", "hirescam", "attention"}
-    assert 0.0 <= doc["pointing"]["hirescam"]["all"] <= 1.0
+    assert set(doc["pointing"]) == {"gradcam", "hirescam", "contrast", "attention"}
+    assert 0.0 <= doc["pointing"]["contrast"]["all"] <= 1.0
+    assert doc["default_cam"] == "contrast" and doc["score"] == "MaxSim"  # a preset: no re-ranker
+    assert set(doc["words_by_method"]) == {"input", "mask"}
     assert doc["pointing_chance_cell"] == pytest.approx(1 / 9)
     assert 0.2 <= doc["pointing_chance_object"] <= 1.0
     assert sum(doc["deletion_n"].values()) > 0 and 0.0 <= doc["words_chance"] <= 1.0
