@@ -135,7 +135,8 @@ class Explanation:
     tokens: list[str] = field(default_factory=list)  # caption WordPieces read by the model
     token_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # [n]
     winning_query: int = -1  # q* of the attention map (-1: skipped)
-    #: every CAM method's maps, keyed "candidate/<method>" and "reference/<method>"
+    #: every CAM method's maps, keyed "candidate/<method>" and "reference/<method>", and
+    #: "<which>/contrast_signed" (the contrast map before its absolute value)
     variants: dict[str, np.ndarray] = field(default_factory=dict)
     #: every word attribution baseline's words, keyed by :data:`WORD_METHODS`
     word_variants: dict[str, list[WordScore]] = field(default_factory=dict)
@@ -447,7 +448,7 @@ class Explainer:
                 variants[f"candidate/{method}"] = grad_cam(
                     a_cand, grads[1][co + i], self.rows, self.cols, method, baseline=a_ref
                 )
-            # the contrast maps before their ReLU: which way each difference pushes the score
+            # the contrast maps before their absolute value: which way each difference pushes
             variants["reference/contrast_signed"] = grad_cam(
                 a_ref, grads[0][ro + i], self.rows, self.cols, "contrast", a_cand, signed=True
             )
