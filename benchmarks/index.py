@@ -475,6 +475,300 @@ def encode_gallery(
     return feats, qs
 
 
+# --- streamed: a gallery larger than RAM (1M x 16 x 256 is 16.4 GB of float32) ----------------
+
+
+def _bench_server() -> Any:
+    """benchmarks/server.py as a module (the renderer of its real-feature gallery)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_server", Path(__file__).with_name("server.py")
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _render_job(job: tuple[int, int, int]) -> np.ndarray:
+    """uint8 pixels [m, H, W, 3] of scenes [start, start + m) (a render worker's job)."""
+    return np.stack([np.asarray(im.convert("RGB")) for im in _bench_server().render_scenes(*job)])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)  # a kill never leaves half a state file
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_split_mb() -> dict[str, float]:
+    """Resident memory now: anonymous (heap) and file-backed (mapped pages, reclaimable)."""
+    out = {"rss_mb": rss_mb()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmHWM"):
+                out[key] = float(val.split()[0]) / 1024
+    return out
+
+
+def encode_streamed(model: str, n: int, cache: Path, seed: int = 0, chunk: int = 2048) -> dict:
+    """Render ``n`` scenes of benchmarks/server.py's real-feature gallery (scene i is drawn
+    and noised from its own seed: no two are alike) and encode them with ``model`` into a
+    float16 memmap ``[n, Q, D]`` of unit tokens, ``targets_f16.npy`` in a folder named by the
+    model's fingerprint. Progress is in ``state.json`` after every chunk: a killed run resumes
+    where it stopped. One worker process renders beside the encoder."""
+    import multiprocessing as mp
+
+    import torch
+    from PIL import Image
+
+    from retrieval.encoder import Encoder
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    enc = Encoder.from_pretrained(model)
+    folder = cache / f"{enc.fingerprint}-render{n}-s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    state_p, feats_p = folder / "state.json", folder / "targets_f16.npy"
+    state = json.loads(state_p.read_text()) if state_p.exists() else {"done": 0, "seconds": 0.0}
+    probe = enc.encode_target_pixels(enc.preprocess(_bench_server().render_scenes(0, 1, seed)))
+    q, d = probe.shape[1:]
+    info = {"folder": str(folder), "n": n, "shape": [int(q), int(d)], "fp": enc.fingerprint}
+    if state["done"] >= n:
+        return {**info, **state}
+    mm = np.lib.format.open_memmap(
+        feats_p, mode="r+" if feats_p.exists() else "w+", dtype=np.float16, shape=(n, q, d)
+    )
+    jobs = [(s, min(chunk, n - s), seed) for s in range(state["done"], n, chunk)]
+    t0, done0, secs0 = time.perf_counter(), state["done"], state["seconds"]
+    with mp.get_context("fork").Pool(1) as pool:
+        for (s, m, _), pix in zip(jobs, pool.imap(_render_job, jobs), strict=True):
+            px = enc.preprocess([Image.fromarray(a) for a in pix])
+            f = np.concatenate(
+                [enc.encode_target_pixels(px[j : j + 256]) for j in range(0, m, 256)]
+            )
+            f /= np.linalg.norm(f, axis=-1, keepdims=True)
+            mm[s : s + m] = f.astype(np.float16)
+            mm.flush()
+            el = time.perf_counter() - t0
+            state = {"done": s + m, "seconds": round(secs0 + el, 1)}
+            _write_json(state_p, state)
+            if (s // chunk) % 25 == 0 or s + m == n:
+                rate = (s + m - done0) / el
+                logger.info(
+                    "encoded %d / %d (%.0f images/s, %.0f s left)",
+                    s + m,
+                    n,
+                    rate,
+                    (n - s - m) / rate,
+                )
+    del mm
+    return {**info, **state}
+
+
+def composed_streamed(model: str, enc_info: dict, nq: int, seed: int = 0) -> np.ndarray:
+    """``nq`` real composed queries ``[nq, D]`` as `cir index build` makes them for its
+    calibration: gallery scenes drawn as references (distinct), each with a caption drawn from
+    the model's training triplets (else the built-in texts), encoded by the model. Cached."""
+    from indexer.finish import CALIBRATION_TEXTS, training_captions
+    from retrieval.encoder import Encoder
+
+    path = Path(enc_info["folder"]) / f"queries-{nq}.npy"
+    if path.exists():
+        return np.load(path)
+    found = training_captions(model)
+    caps = found[0] if found else list(CALIBRATION_TEXTS)
+    rng = np.random.default_rng(seed + 99)
+    refs = rng.choice(enc_info["n"], size=nq, replace=False)
+    render = _bench_server().render_scenes
+    images = [render(int(i), 1, seed)[0].convert("RGB") for i in refs]
+    texts = [caps[int(j)] for j in rng.integers(0, len(caps), nq)]
+    enc = Encoder.from_pretrained(model)
+    qv = np.asarray(enc.encode_queries(images, texts, batch_size=64), np.float32)
+    qv /= np.linalg.norm(qv, axis=1, keepdims=True)
+    np.save(path, qv)
+    logger.info("%d composed queries (captions: %s)", nq, found[1] if found else "built-in")
+    return qv
+
+
+def exact_streamed(mm: np.ndarray, qs: np.ndarray, k: int, chunk: int = 20000) -> np.ndarray:
+    """Exact MaxSim top-``k`` ids ``[M, k]`` (best first) over a memmap, chunk by chunk."""
+    n, q, d = mm.shape
+    m = len(qs)
+    scores = np.empty((m, n), np.float32)
+    for s in range(0, n, chunk):
+        t = np.asarray(mm[s : s + chunk], np.float32)
+        c = len(t)
+        scores[:, s : s + c] = (t.reshape(c * q, d) @ qs.T).reshape(c, q, m).max(1).T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+    return np.take_along_axis(top, order, axis=1)
+
+
+def build_streamed(uri: str, mm: np.ndarray, fp: str, cal_q: np.ndarray, out: Path) -> dict:
+    """Build an Edge version from the memmap in chunks (never all in RAM), activate it
+    (flush + optimize: HNSW on ``pooled``, int8 tokens) and calibrate ``fast`` on the composed
+    queries ``cal_q`` exactly as `cir index build` does. Its figures go to ``out`` (a finished
+    build is reused)."""
+    if out.exists():
+        return json.loads(out.read_text())
+    n, q, d = mm.shape
+    idx = open_index(uri, "bench", encoder_fingerprint=fp)
+    t0 = time.perf_counter()
+    meta = VersionMeta(fp, "render", (q, d), {"bucket": "integer"})
+    with idx.create_version(meta) as v:
+        for s in range(0, n, 2000):
+            e = min(n, s + 2000)
+            v.upsert(
+                [f"i{j}" for j in range(s, e)],
+                np.asarray(mm[s:e], np.float32),
+                [{"bucket": j % 10} for j in range(s, e)],
+            )
+            if s % 100000 == 0:
+                logger.info("upserted %d / %d (%.0fs)", e, n, time.perf_counter() - t0)
+        version = v.version
+        t1 = time.perf_counter()
+    # leaving the block closed the handle: flush + optimize (HNSW on pooled, int8 tokens)
+    idx.activate(version)
+    t2 = time.perf_counter()
+    logger.info("built %d points: upsert %.0fs, flush + optimize %.0fs", n, t1 - t0, t2 - t1)
+    cal = calibrate_fast(idx, query_vectors=cal_q, source="composed")
+    idx.update_version_meta(version, {CALIBRATION_KEY: cal})
+    t3 = time.perf_counter()
+    idx.close()
+    res = {
+        "upsert_s": round(t1 - t0, 1),
+        "optimize_s": round(t2 - t1, 1),
+        "build_s": round(t2 - t0, 1),
+        "calibrate_s": round(t3 - t2, 1),
+        "calibration": cal,
+        "build_peak_rss_mb": round(_peak_rss_mb(), 0),
+        "disk_mb": round(du_mb(Path(uri.partition(":")[2])), 0),
+    }
+    _write_json(out, res)
+    return res
+
+
+def query_streamed(uri: str, qs: np.ndarray, truth: np.ndarray, modes: list[str]) -> dict:
+    """In a fresh process (so its memory is the index's alone): open the built version
+    read-only as the server does and time one query per call in each mode, with recall@10
+    against numpy exact MaxSim and, for ``fast``, against Edge's own ``exact``."""
+    with contextlib.suppress(OSError):  # reset VmHWM (a spawned child starts from its parent's)
+        Path("/proc/self/clear_refs").write_text("5")
+    rss0 = _rss_split_mb()
+    idx = open_index(uri, "bench", read_only=True)
+    rss_open = _rss_split_mb()
+    rows, got_exact = [], None
+    for mode in modes:
+        run_queries(idx, qs[:5], 10, mode)  # warm up
+        t0 = time.perf_counter()
+        got, times = run_queries(idx, qs, 10, mode)
+        wall = time.perf_counter() - t0
+        ran = idx.search(qs[0], top_k=10, mode=mode)
+        p50, p95 = pct(times)
+        row = dict(
+            mode=mode,
+            ran=ran.mode,
+            note=ran.note,
+            p50_ms=p50,
+            p95_ms=p95,
+            qps_one_thread=len(qs) / wall,
+            recall10=recall(got, list(truth), 10),
+            queries=len(qs),
+        )
+        if mode == "exact":
+            got_exact = got
+        elif got_exact is not None:
+            row["recall10_vs_edge_exact"] = float(
+                np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, got_exact, strict=True)])
+            )
+        logger.info("streamed %s: %s", mode, row)
+        rows.append(row)
+    info = idx.describe()
+    idx.close()
+    return {
+        "rows": rows,
+        "rss_before_open": rss0,
+        "rss_after_open": rss_open,
+        "rss_after_queries": _rss_split_mb(),
+        "peak_rss_mb": round(_rss_split_mb().get("VmHWM", 0.0), 0),
+        "info": info,
+    }
+
+
+def bench_streamed(args: argparse.Namespace, workdir: Path) -> dict:
+    """The whole streamed run (``--streamed --render N``): encode N scenes (cached), composed
+    queries (``--queries-n`` measured + ``--calibrate-queries`` for the build's calibration,
+    disjoint references), numpy ground truth streamed, the Edge build + calibration, then the
+    queries in a fresh process."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    enc_info = encode_streamed(args.features, args.render, args.cache)
+    logger.info("features: %s", enc_info)
+    nq, ncal = args.queries_n, args.calibrate_queries or 400
+    allq = composed_streamed(args.features, enc_info, nq + ncal)
+    qs, cal_q = allq[:nq], allq[nq:]
+    mm = np.load(Path(enc_info["folder"]) / "targets_f16.npy", mmap_mode="r")
+    truth_p = Path(enc_info["folder"]) / f"truth-{nq}-{nq + ncal}.npy"
+    if truth_p.exists():
+        truth = np.load(truth_p)
+    else:
+        t1 = time.perf_counter()
+        truth = exact_streamed(mm, qs, 10)
+        np.save(truth_p, truth)
+        logger.info("ground truth in %.0fs", time.perf_counter() - t1)
+    uri = f"edge:{workdir / 'edge'}"
+    build = build_streamed(uri, mm, enc_info["fp"], cal_q, workdir / "build.json")
+    logger.info("build: %s", build)
+    del mm
+    with mp.get_context("spawn").Pool(1) as pool:
+        served = pool.apply(query_streamed, (uri, qs, truth, SWEEP["modes"]))
+    return {
+        "n": enc_info["n"],
+        "shape": enc_info["shape"],
+        "encode": enc_info,
+        "build": build,
+        "serve": served,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def streamed_table(res: dict) -> str:
+    b, s = res["build"], res["serve"]
+    cal = b["calibration"]
+    lines = [
+        f"{res['n']:,} real features {res['shape'][0]} x {res['shape'][1]} "
+        f"(encoded in {res['encode']['seconds']:.0f} s); Edge build {b['build_s']:.0f} s "
+        f"(upsert {b['upsert_s']:.0f} + optimize {b['optimize_s']:.0f}), calibration "
+        f"{b['calibrate_s']:.0f} s: L = {cal.get('L')}, held-out recall@10 "
+        f"{cal.get('heldout_recall')}; disk {b['disk_mb']:,.0f} MB; build peak RSS "
+        f"{b['build_peak_rss_mb']:,.0f} MB",
+        f"serving process: RSS {s['rss_after_queries']['rss_mb']:,.0f} MB "
+        f"(anon {s['rss_after_queries'].get('RssAnon', 0):,.0f}, file-backed "
+        f"{s['rss_after_queries'].get('RssFile', 0):,.0f}), peak {s['peak_rss_mb']:,.0f} MB",
+        "",
+        "| mode | ran | p50 ms | p95 ms | QPS (1 thread) | recall@10 vs numpy exact "
+        "| recall@10 vs Edge exact |",
+        "|" + "---|" * 7,
+    ]
+    for r in s["rows"]:
+        ve = r.get("recall10_vs_edge_exact")
+        lines.append(
+            f"| {r['mode']} | {r['ran']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
+            f"| {r['qps_one_thread']:.1f} | {r['recall10']:.3f} | "
+            f"{'' if ve is None else f'{ve:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000", help="comma-separated gallery sizes")
@@ -531,6 +825,13 @@ def main() -> None:
         help="only the calibration's recall-vs-L measurement at this many synthetic points "
         "(--q x --d), streamed without an index (e.g. 1000000 at 16 x 256)",
     )
+    ap.add_argument(
+        "--streamed",
+        action="store_true",
+        help="with a model folder as --features and --render N: a gallery larger than RAM "
+        "(features in a float16 memmap under --cache, the build streamed from it, the queries "
+        "in a fresh process): e.g. --render 1000000",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="where the indexes are built")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
@@ -546,6 +847,14 @@ def main() -> None:
             args.json.write_text(json.dumps(res, indent=1))
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cir-index-bench-"))
+    if args.streamed:
+        if not args.features or args.features.endswith(".npy") or not args.render:
+            ap.error("--streamed needs a model folder as --features and --render N")
+        res = bench_streamed(args, workdir)
+        print(streamed_table(res))
+        if args.json:
+            args.json.write_text(json.dumps({**run_info(), **res}, indent=1))
+        return
     rows: list[dict] = []
     if args.features:
         qs_real: np.ndarray | None = None
@@ -594,21 +903,24 @@ def main() -> None:
         print()
         print(sweep_table(SWEEP["rows"]))
     if args.json:
-        info = {
-            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            },
-            "git": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-            ).stdout.strip()
-            or None,
-            "rows": rows,
-            "sweep": SWEEP["rows"],
-        }
+        info = {**run_info(), "rows": rows, "sweep": SWEEP["rows"]}
         args.json.write_text(json.dumps(info, indent=1))
+
+
+def run_info() -> dict[str, Any]:
+    """The command, the machine and the commit of a run (the JSON's header)."""
+    return {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        },
+        "git": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or None,
+    }
 
 
 if __name__ == "__main__":

@@ -124,6 +124,17 @@ def build_index(work: Path, n: int, encoder: Any, seed: int = 0) -> str:
 
 def _render_chunk(job: tuple[int, int, int]) -> list[bytes]:
     """PNG bytes of scenes [start, start + m) of the benchmark's random shapes gallery."""
+    out = []
+    for im in render_scenes(*job):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def render_scenes(start: int, m: int, seed: int) -> list[Any]:
+    """Scenes [start, start + m) of the benchmark's random shapes gallery (PIL images): random
+    objects in random cells; scene i is the same wherever it is rendered."""
     from retrieval.data.shapes import (
         COLOR_NAMES,
         MAX_OBJECTS,
@@ -135,7 +146,6 @@ def _render_chunk(job: tuple[int, int, int]) -> list[bytes]:
         render_scene,
     )
 
-    start, m, seed = job
     out = []
     for i in range(start, start + m):
         rng = random.Random(f"{seed}-{i}")
@@ -143,9 +153,7 @@ def _render_chunk(job: tuple[int, int, int]) -> list[bytes]:
         scene = make_scene(
             Obj(c, rng.choice(COLOR_NAMES), rng.choice(SHAPES), rng.choice(SIZES)) for c in cells
         )
-        buf = io.BytesIO()
-        render_scene(scene, 64, (seed, 7, i)).save(buf, "PNG")
-        out.append(buf.getvalue())
+        out.append(render_scene(scene, 64, (seed, 7, i)))
     return out
 
 
