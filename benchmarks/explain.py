@@ -155,6 +155,12 @@ def main() -> None:
         help="the score explained: auto = the re-ranker's when the model folder has one (what "
         "the server explains when it re-ranks), else MaxSim",
     )
+    ap.add_argument(
+        "--words",
+        default="occlusion",
+        choices=WORD_METHODS,
+        help="the word attribution whose figure is the headline (and whose latency is timed)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()
     if args.threads:
@@ -195,7 +201,9 @@ def main() -> None:
             ap.error(f"{args.model} has no re-ranker")
         if rr is not None:
             scorer = RerankPixelScorer(enc.model, rr)
-    ex = Explainer(enc, scorer=scorer)
+    # the figures of every word method; the latency of what a request runs (the default)
+    ex = Explainer(enc, scorer=scorer, words=args.words, all_words=True)
+    served = Explainer(enc, scorer=scorer, words=args.words)
     explained_score = "re-ranker" if scorer is not None else "MaxSim"
     if ex.rows != GRID:
         print(
@@ -242,7 +250,7 @@ def main() -> None:
         t0 = time.perf_counter()
         # one request's work: PIL in, maps and words out (the server skips the attention map
         # when it explains the re-ranker: one MaxSim pass fewer)
-        ex.explain(ref_img, t.caption, tgt_img, attention=scorer is None)
+        served.explain(ref_img, t.caption, tgt_img, attention=scorer is None)
         latency.append(time.perf_counter() - t0)
 
     for t, ref_img, tgt_img, e in explained:

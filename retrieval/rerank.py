@@ -466,8 +466,19 @@ class RerankPixelScorer:
     ) -> torch.Tensor:
         """[B, 3, S, S] x2 + [B, L] -> [B] re-ranked scores."""
         m = self.model
-        img_r = m.image_features(ref_pixels)
-        img_c = m.image_features(cand_pixels)
+        return self.score_images(
+            m.image_features(ref_pixels), input_ids, attention_mask, m.image_features(cand_pixels)
+        )
+
+    def score_images(
+        self,
+        img_r: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        img_c: torch.Tensor,
+    ) -> torch.Tensor:
+        """``score_pixels`` from the ViT outputs [B, T, C] of both images (no ViT pass)."""
+        m = self.model
         states = m.fusion_states(img_r, input_ids, attention_mask)
         q = m.query_len
         prompt, text = states[:, :q], states[:, q:]

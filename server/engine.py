@@ -53,6 +53,8 @@ class Query:
     search: bool = True  # False: EncodeQuery (vector only)
     rerank_k: int = 0  # re-rank the first stage's top rerank_k (0: off; needs a reference)
     rerank_feats: Any = None  # the re-ranker's query side (retrieval.rerank.QueryFeatures)
+    # candidates' re-ranker features [T, C] by id, read with the search's hits (patches source)
+    rerank_cands: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     searched_mode: str = ""  # what the index really ran ("exact" / "fast"), set by search
     index_version: str = ""  # the version that answered this query's search, set by search
@@ -524,18 +526,26 @@ class Engine:
             guard is not None and bool(guard.forced_exact) and self.version in guard.forced_exact
         )
         modes = ["exact"] * len(queries)
+        with_patches = self.reranker is not None and self.reranker.config.features == "patches"
         for idx in groups.values():
             q = queries[idx[0]]
             # a re-ranked query fetches its whole window from 0; rerank() cuts its page
             top_k, offset = q.top_k, q.offset
+            payload: Any = None  # the index's default: no thumbnail, no re-ranker features
             if q.reranks:
                 top_k, offset = max(q.rerank_k, q.offset + q.top_k), 0
+                if with_patches:  # the candidates' ViT tokens come with the hits: no 2nd call
+                    payload = {"exclude": ["thumbnail"]}
             mode = cast("SearchMode", "exact" if forced else q.mode)  # validated by the service
             try:  # one call to the index (its search process) per group: hits + version
                 if len(idx) == 1:
-                    hits = [self.index.search(vectors[idx[0]], top_k, offset, q.filter, mode)]
+                    hits = [
+                        self.index.search(vectors[idx[0]], top_k, offset, q.filter, mode, payload)
+                    ]
                 else:
-                    hits = self.index.search_batch(vectors[idx], top_k, offset, q.filter, mode)
+                    hits = self.index.search_batch(
+                        vectors[idx], top_k, offset, q.filter, mode, payload
+                    )
             except GalleryIndexError as exc:  # mapped by the one table (server/errors.py)
                 err = to_request_error(exc)
                 if err.code == "INTERNAL":
@@ -545,6 +555,8 @@ class Engine:
                 continue
             for i, h in zip(idx, hits, strict=True):
                 results[i] = h
+                if payload is not None:
+                    queries[i].rerank_cands = self._take_patches(h, q.rerank_k)
                 run, note = self.searched(q, h, forced and q.mode != "exact")
                 queries[i].searched_mode, queries[i].mode_note = run, note
                 queries[i].index_version = h.version
@@ -576,9 +588,13 @@ class Engine:
         assert self.reranker is not None
         t0 = time.perf_counter()
         windows = {i: results[i][: queries[i].rerank_k] for i in todo}  # type: ignore[index]
-        ids = sorted({h.id for i in todo for h in windows[i]})
+        tokens: dict[str, np.ndarray] = {}
+        for i in todo:  # read with the search's hits (patches), else fetched here in one call
+            tokens.update(queries[i].rerank_cands)
+        ids = sorted({h.id for i in todo for h in windows[i]} - tokens.keys())
         try:
-            tokens = self.candidate_features(ids)
+            if ids:
+                tokens.update(self.candidate_features(ids))
         except GalleryIndexError as exc:  # mapped by the one table (server/errors.py)
             err = to_request_error(exc)
             if err.code == "INTERNAL":
@@ -633,6 +649,24 @@ class Engine:
             ]
             results[i] = (ranked + tail)[qr.offset : qr.offset + qr.top_k]
         return (time.perf_counter() - t0) * 1000.0
+
+    def _take_patches(self, hits: list[Any], k: int) -> dict[str, np.ndarray]:
+        """Move the re-ranker's features out of the hits' payloads (they never reach a
+        response) and decode those of the first ``k``: id -> [T, C] float32."""
+        from retrieval.index.api import PATCHES_KEY
+        from retrieval.rerank import decode_patches
+
+        assert self.reranker is not None
+        cfg = self.reranker.config
+        out: dict[str, np.ndarray] = {}
+        for rank, h in enumerate(hits):
+            text = h.payload.pop(PATCHES_KEY, None)
+            if rank < k and isinstance(text, str):
+                try:
+                    out[h.id] = decode_patches(text, cfg.pair_rows, cfg.pair_dim)
+                except ValueError as exc:
+                    logger.warning("point %s: unusable re-ranker features: %s", h.id, exc)
+        return out
 
     def candidate_features(self, ids: list[str]) -> dict[str, np.ndarray]:
         """What the re-ranker reads of each candidate, in one index call: the stored target

@@ -128,7 +128,7 @@ def test_word_attribution_is_gradient_x_input(encoder: Encoder, explainer: Expla
     """First-order check: scaling one word's embedding by (1 + eps) changes the score by about
     eps * its attribution (the attribution is d score / d e . e)."""
     ref, cand = scene(REF_SIG, 1), scene(REF_SIG + "|8:green-cross-L", 2)
-    e = explainer.explain(ref, CAPTION, cand)
+    e = Explainer(encoder, words="input").explain(ref, CAPTION, cand)
     target = 4  # "cross": one WordPiece, token position 5 after [CLS]
     assert e.words[target].word == "cross" and e.tokens[target] == "cross"
     eps = 1e-3
@@ -157,19 +157,58 @@ def test_contrast_map_is_zero_where_the_images_agree(explainer: Explainer) -> No
     np.testing.assert_allclose(same.variants["candidate/contrast"], 0.0, atol=1e-6)
     np.testing.assert_allclose(same.variants["reference/contrast"], 0.0, atol=1e-6)
     e = explainer.explain(ref, CAPTION, scene(REF_SIG + "|8:green-cross-L", 2))
+    assert set(e.word_variants) == {explainer.words_method}
+
+
+def test_every_word_method_on_request(encoder: Encoder) -> None:
+    ex = Explainer(encoder, all_words=True)
+    e = ex.explain(scene(REF_SIG, 1), CAPTION, scene(REF_SIG + "|8:green-cross-L", 2))
     assert set(e.word_variants) == set(WORD_METHODS)
-    assert [w.word for w in e.word_variants["mask"]] == [w.word for w in e.words]
+    for m in WORD_METHODS:
+        assert [w.word for w in e.word_variants[m]] == [w.word for w in e.words]
+
+
+def test_contrast_and_occlusion_words_are_margins_over_the_reference(encoder: Encoder) -> None:
+    """``contrast`` = grad x input of S(ref, t, cand) - S(ref, t, ref), so the reference as
+    its own candidate has nothing to attribute; ``occlusion`` = that margin minus the margin
+    with the word's pieces as [MASK], recomputed here by hand."""
+    ref, cand = scene(REF_SIG, 1), scene(REF_SIG + "|8:green-cross-L", 2)
+    for method in ("contrast", "occlusion"):
+        ex = Explainer(encoder, words=method)
+        same = ex.explain(ref, CAPTION, ref)
+        np.testing.assert_allclose([w.score for w in same.words], 0.0, atol=1e-5)
+    ex = Explainer(encoder, words="occlusion")
+    e = ex.explain(ref, CAPTION, cand)
+    tok = encoder.tokenizer([CAPTION])
+    px = ex.pixels([ref, cand])
+    scorer = ex.maxsim
+
+    def margin(ids: torch.Tensor) -> float:
+        with torch.inference_mode():
+            s = scorer.score_pixels(
+                torch.cat([px[:1], px[:1]]), ids.repeat(2, 1), tok.attention_mask.repeat(2, 1),
+                px,
+            )  # fmt: skip
+        return float(s[1] - s[0])  # rows: (ref, ref), (ref, cand)
+
+    full = margin(tok.input_ids)
+    target = 4  # "cross": token position 5 after [CLS]
+    assert e.words[target].word == "cross"
+    masked = tok.input_ids.clone()
+    masked[0, target + 1] = encoder.tokenizer.mask_token_id
+    assert e.words[target].score == pytest.approx(full - margin(masked), abs=1e-5)
+    assert any(abs(w.score) > 1e-6 for w in e.words)
 
 
 def test_word_baselines_differ_by_the_baseline_term(encoder: Encoder, explainer: Explainer) -> None:
     """grad x (e - b) = grad x e - grad . b: the words' scores of two baselines differ by the
     gradient's dot product with the baseline embedding, which is what separates them."""
     ref, cand = scene(REF_SIG, 1), scene(REF_SIG + "|8:green-cross-L", 2)
-    e = explainer.explain(ref, CAPTION, cand)
+    e = Explainer(encoder, words="input", all_words=True).explain(ref, CAPTION, cand)
     plain = np.array([w.score for w in e.word_variants["input"]])
     mask = np.array([w.score for w in e.word_variants["mask"]])
     assert plain.shape == mask.shape and not np.allclose(plain, mask)
-    np.testing.assert_allclose([w.score for w in e.words], plain)  # the default: input
+    np.testing.assert_allclose([w.score for w in e.words], plain)  # asked for: input
     with pytest.raises(ValueError, match="words must be"):
         Explainer(encoder, words="nope")
     by_mask = Explainer(encoder, words="mask").explain(ref, CAPTION, cand)
@@ -416,7 +455,8 @@ def test_faithfulness_benchmark_runs_and_reports_chance(tmp_path: Path) -> None:
     assert set(doc["pointing"]) == {"gradcam", "hirescam", "contrast", "attention"}
     assert 0.0 <= doc["pointing"]["contrast"]["all"] <= 1.0
     assert doc["default_cam"] == "contrast" and doc["score"] == "MaxSim"  # a preset: no re-ranker
-    assert set(doc["words_by_method"]) == {"input", "mask"}
+    assert set(doc["words_by_method"]) == set(WORD_METHODS)
+    assert doc["default_words"] == "occlusion"
     assert doc["pointing_chance_cell"] == pytest.approx(1 / 9)
     assert 0.2 <= doc["pointing_chance_object"] <= 1.0
     assert sum(doc["deletion_n"].values()) > 0 and 0.0 <= doc["words_chance"] <= 1.0

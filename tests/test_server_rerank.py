@@ -221,8 +221,26 @@ def test_patches_reranker_reads_the_indexed_vit_tokens(tmp_path: Path) -> None:
             assert c.info().reranker.features == "patches"
             ref_id = by_path["img-05.png"].id
             first = c.search(TEXT, reference_id=ref_id, top_k=6, rerank_k=0)
-            res = c.search(TEXT, reference_id=ref_id, top_k=6, rerank_k=6)
-            assert all(PATCHES_KEY not in h.payload for h in res.results + first.results)
+            engine = bg.server.service.engine
+            gets: list[Any] = []
+            real_get = engine.index.get
+
+            def counting_get(*a: Any, **k: Any) -> Any:
+                gets.append(a)
+                return real_get(*a, **k)
+
+            engine.index.get = counting_get
+            try:
+                res = c.search(TEXT, reference_id=ref_id, top_k=6, rerank_k=6)
+                paged = c.search(TEXT, reference_id=ref_id, top_k=2, offset=2, rerank_k=6)
+            finally:
+                del engine.index.get
+            # the reference is looked up by id; the candidates' ViT tokens came with the hits
+            assert gets and all(list(a[0]) == [ref_id] for a in gets)
+            assert [h.id for h in paged.results] == [h.id for h in res.results[2:4]]
+            assert all(
+                PATCHES_KEY not in h.payload for h in res.results + first.results + paged.results
+            )
             assert sorted(h.id for h in res.results) == sorted(h.id for h in first.results)
             qf = query_features(enc, enc.reference_features([im0]), [TEXT], "patches")
             cand = torch.stack(

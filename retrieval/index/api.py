@@ -178,6 +178,7 @@ class ReadView(Protocol):
         offset: int = 0,
         filter: Filter | None = None,
         mode: SearchMode = "auto",
+        with_payload: PayloadSelector | None = None,
     ) -> Hits: ...
 
     def search_batch(
@@ -187,6 +188,7 @@ class ReadView(Protocol):
         offset: int = 0,
         filter: Filter | None = None,
         mode: SearchMode = "auto",
+        with_payload: PayloadSelector | None = None,
     ) -> list[Hits]: ...
 
     def count(self, filter: Filter | None = None) -> int: ...

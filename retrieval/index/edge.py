@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.index.api import ID_KEY, SEARCH_PAYLOAD, USER_ID_KEY, Hit, Record, VersionMeta
+from retrieval.index.api import ID_KEY, USER_ID_KEY, Hit, Record, VersionMeta
 from retrieval.index.backend import iter_chunks
 from retrieval.index.errors import GalleryIndexError, IndexInUseError
 from retrieval.index.filters import Condition
 from retrieval.index.policy import SearchPlan
-from retrieval.index.validate import PayloadSpec, payload_spec, point_id, to_hit, to_record
+from retrieval.index.validate import PayloadSpec, point_id, to_hit, to_record
 from retrieval.index.versions import Catalog, Pointer, is_locked, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ UPSERT_BATCH = 256  # points per engine update call (bounded memory per call)
 #: Written into a version's folder once its shard is optimized (indexes built) after its last
 #: write; removed by the next write. A version without it is never activated.
 FINISHED_FILE = "finished.json"
-_SEARCH_PAYLOAD = payload_spec(SEARCH_PAYLOAD)
 
 
 def _edge() -> Any:
@@ -308,7 +307,7 @@ class _Shard:
                     query=q.Query.Nearest(vec, using="tokens"),
                     filter=flt,
                     params=params,
-                    with_payload=edge_payload(_SEARCH_PAYLOAD),
+                    with_payload=edge_payload(plan.payload),
                     with_vector=False,
                     **kw,
                 )

@@ -43,7 +43,7 @@ from retrieval.index.errors import (
     ModelMismatchError,
 )
 from retrieval.index.filters import parse_filter, user_id_condition, validate_fields
-from retrieval.index.policy import plan_search
+from retrieval.index.policy import DEFAULT_SEARCH_PAYLOAD, plan_search
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class IndexView:
         offset: int = 0,
         filter: Filter | None = None,
         mode: SearchMode = "auto",
+        with_payload: PayloadSelector | None = None,
     ) -> Hits:
         """Top images for one query vector ``[D]`` (float32; normalised here), with the version
         searched and the mode run (:class:`~retrieval.index.api.Hits`).
@@ -158,9 +159,12 @@ class IndexView:
         Score = MaxSim = max over the image's tokens of the dot product. ``top_k`` in
         [1, 1000]; ``offset`` skips the first results (pagination: page p is
         ``offset=p*top_k``). ``filter``: see :data:`Filter` (declared fields only, else
-        ``InvalidFilterError``). Hits are sorted by descending score.
+        ``InvalidFilterError``). Hits are sorted by descending score. ``with_payload``: what
+        of each hit's payload to return (:data:`PayloadSelector`; default
+        :data:`~retrieval.index.api.SEARCH_PAYLOAD`: all but the thumbnail and the
+        re-ranker's features, which a re-ranking caller asks for here to save a ``get``).
         """
-        return self._search(query, top_k, offset, filter, mode, batch=False)[0]
+        return self._search(query, top_k, offset, filter, mode, False, with_payload)[0]
 
     def search_batch(
         self,
@@ -169,15 +173,24 @@ class IndexView:
         offset: int = 0,
         filter: Filter | None = None,
         mode: SearchMode = "auto",
+        with_payload: PayloadSelector | None = None,
     ) -> list[Hits]:
         """``search`` for ``[M, D]`` queries in one call (one batched engine call where
         possible); every :class:`Hits` names the same version."""
-        return self._search(queries, top_k, offset, filter, mode, batch=True)
+        return self._search(queries, top_k, offset, filter, mode, True, with_payload)
 
     def _search(
-        self, query: Any, top_k: int, offset: int, flt: Filter | None, mode: str, batch: bool
+        self,
+        query: Any,
+        top_k: int,
+        offset: int,
+        flt: Filter | None,
+        mode: str,
+        batch: bool,
+        with_payload: PayloadSelector | None = None,
     ) -> list[Hits]:
         V.check_paging(top_k, offset, mode)
+        spec = DEFAULT_SEARCH_PAYLOAD if with_payload is None else V.payload_spec(with_payload)
         with self._use() as st:
             meta = st.meta
             qs = V.normalise_queries(query, meta.shape[1], batch)
@@ -193,6 +206,7 @@ class IndexView:
                 self._options,
                 meta.extra.get(CALIBRATION_KEY),
                 self._where(st),
+                spec,
             )
             results = st.query(qs, plan)
             return [Hits(r, st.version, plan.mode, plan.note) for r in results]

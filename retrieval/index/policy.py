@@ -16,8 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from retrieval.index.api import AUTO_FAST_MIN_POINTS, CALIBRATION_KEY
+from retrieval.index.api import AUTO_FAST_MIN_POINTS, CALIBRATION_KEY, SEARCH_PAYLOAD
 from retrieval.index.filters import Condition
+from retrieval.index.validate import PayloadSpec, payload_spec
+
+#: what a search returns of each hit's payload unless asked otherwise (parsed once)
+DEFAULT_SEARCH_PAYLOAD: PayloadSpec = payload_spec(SEARCH_PAYLOAD)
 
 __all__ = [
     "AUTO_FAST_MAX_SHARE",
@@ -235,6 +239,7 @@ class SearchPlan:
     exact_prefetch: bool = False
     oversampling: float = DEFAULT_OVERSAMPLING
     note: str = ""
+    payload: PayloadSpec = DEFAULT_SEARCH_PAYLOAD  # what of each hit's payload comes back
 
 
 def plan_search(
@@ -246,6 +251,7 @@ def plan_search(
     options: Mapping[str, Any],
     calibration: Mapping[str, Any] | None,
     what: str,
+    payload: PayloadSpec = DEFAULT_SEARCH_PAYLOAD,
 ) -> SearchPlan:
     """The plan of a search in ``mode`` over ``n`` points; an explicit ``fast`` that runs
     exactly on a version without a usable L is logged once (``what`` names the version)."""
@@ -263,4 +269,5 @@ def plan_search(
         exact_prefetch=exact_pre,
         oversampling=oversampling_for(top_k, offset, options),
         note=why,
+        payload=payload,
     )

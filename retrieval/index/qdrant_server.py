@@ -27,7 +27,7 @@ import grpc
 import httpx
 import numpy as np
 
-from retrieval.index.api import ID_KEY, SEARCH_PAYLOAD, USER_ID_KEY, Hit, Record, VersionMeta
+from retrieval.index.api import ID_KEY, USER_ID_KEY, Hit, Record, VersionMeta
 from retrieval.index.backend import iter_chunks
 from retrieval.index.errors import (
     GalleryIndexError,
@@ -37,7 +37,7 @@ from retrieval.index.errors import (
 )
 from retrieval.index.filters import Condition
 from retrieval.index.policy import SearchPlan
-from retrieval.index.validate import PayloadSpec, payload_spec, point_id, to_hit, to_record
+from retrieval.index.validate import PayloadSpec, point_id, to_hit, to_record
 from retrieval.index.versions import VERSION_RE, OwnerLock, check_name
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 UPSERT_BATCH = 64  # points per request (32 x 256 floats each: ~1 MB of JSON/protobuf)
 _CATALOG_NS = uuid.UUID("0d8a3c52-5b0e-4f57-9a37-2a4e52f6f0a1")
-_SEARCH_PAYLOAD = payload_spec(SEARCH_PAYLOAD)
 
 
 def _models() -> Any:
@@ -223,7 +222,7 @@ class _Target:
                     params=params,
                     limit=plan.top_k,
                     offset=plan.offset,
-                    with_payload=client_payload(_SEARCH_PAYLOAD),
+                    with_payload=client_payload(plan.payload),
                     with_vector=False,
                 )
             )
@@ -240,7 +239,7 @@ class _Target:
                 search_params=r.params,
                 limit=r.limit,
                 offset=r.offset,
-                with_payload=client_payload(_SEARCH_PAYLOAD),
+                with_payload=client_payload(plan.payload),
                 with_vectors=False,
             )
             results = [resp]
