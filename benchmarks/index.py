@@ -612,7 +612,9 @@ def exact_streamed(mm: np.ndarray, qs: np.ndarray, k: int, chunk: int = 20000) -
     return np.take_along_axis(top, order, axis=1)
 
 
-def build_streamed(uri: str, mm: np.ndarray, fp: str, cal_q: np.ndarray, out: Path) -> dict:
+def build_streamed(
+    uri: str, mm: np.ndarray, fp: str, cal_q: np.ndarray, out: Path, options: dict[str, Any]
+) -> dict:
     """Build an Edge version from the memmap in chunks (never all in RAM), activate it
     (flush + optimize: HNSW on ``pooled``, int8 tokens) and calibrate ``fast`` on the composed
     queries ``cal_q`` exactly as `cir index build` does. Its figures go to ``out`` (a finished
@@ -620,7 +622,7 @@ def build_streamed(uri: str, mm: np.ndarray, fp: str, cal_q: np.ndarray, out: Pa
     if out.exists():
         return json.loads(out.read_text())
     n, q, d = mm.shape
-    idx = open_index(uri, "bench", encoder_fingerprint=fp)
+    idx = open_index(uri, "bench", encoder_fingerprint=fp, options=options)
     t0 = time.perf_counter()
     meta = VersionMeta(fp, "render", (q, d), {"bucket": "integer"})
     with idx.create_version(meta) as v:
@@ -650,6 +652,7 @@ def build_streamed(uri: str, mm: np.ndarray, fp: str, cal_q: np.ndarray, out: Pa
         "calibrate_s": round(t3 - t2, 1),
         "calibration": cal,
         "build_peak_rss_mb": round(_peak_rss_mb(), 0),
+        "options": options,
         "disk_mb": round(du_mb(Path(uri.partition(":")[2])), 0),
     }
     _write_json(out, res)
@@ -726,7 +729,8 @@ def bench_streamed(args: argparse.Namespace, workdir: Path) -> dict:
         np.save(truth_p, truth)
         logger.info("ground truth in %.0fs", time.perf_counter() - t1)
     uri = f"edge:{workdir / 'edge'}"
-    build = build_streamed(uri, mm, enc_info["fp"], cal_q, workdir / "build.json")
+    opts = {"tokens_dtype": args.tokens_dtype}
+    build = build_streamed(uri, mm, enc_info["fp"], cal_q, workdir / "build.json", opts)
     logger.info("build: %s", build)
     del mm
     with mp.get_context("spawn").Pool(1) as pool:
@@ -749,7 +753,8 @@ def streamed_table(res: dict) -> str:
         f"(encoded in {res['encode']['seconds']:.0f} s); Edge build {b['build_s']:.0f} s "
         f"(upsert {b['upsert_s']:.0f} + optimize {b['optimize_s']:.0f}), calibration "
         f"{b['calibrate_s']:.0f} s: L = {cal.get('L')}, held-out recall@10 "
-        f"{cal.get('heldout_recall')}; disk {b['disk_mb']:,.0f} MB; build peak RSS "
+        f"{cal.get('heldout_recall')}; disk {b['disk_mb']:,.0f} MB "
+        f"(tokens {b.get('options', {}).get('tokens_dtype', 'float32')}); build peak RSS "
         f"{b['build_peak_rss_mb']:,.0f} MB",
         f"serving process: RSS {s['rss_after_queries']['rss_mb']:,.0f} MB "
         f"(anon {s['rss_after_queries'].get('RssAnon', 0):,.0f}, file-backed "
@@ -831,6 +836,13 @@ def main() -> None:
         help="with a model folder as --features and --render N: a gallery larger than RAM "
         "(features in a float16 memmap under --cache, the build streamed from it, the queries "
         "in a fresh process): e.g. --render 1000000",
+    )
+    ap.add_argument(
+        "--tokens-dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="--streamed: how the Edge version stores the token originals (the index option "
+        "tokens_dtype; float16 halves the disk: 1M x 16 x 256 is 16.4 GB in float32)",
     )
     ap.add_argument("--workdir", type=Path, default=None, help="where the indexes are built")
     ap.add_argument("--json", type=Path, help="write the rows here")

@@ -569,18 +569,15 @@ class Explainer:
             full, per_word = margin[row], margin[row + 1 : row + 1 + len(words)]
             row += 1 + len(words)
             scores = full - per_word
-            keep = [t for t, w in enumerate(word_ids) if w is not None]
-            pieces = np.bincount([word_ids[t] for t in keep], minlength=len(words))  # type: ignore[misc]
+            keep = [(t, w) for t, w in enumerate(word_ids) if w is not None]
+            pieces = np.bincount([w for _, w in keep], minlength=len(words))
             # a word's score split evenly over its pieces: a word is the sum of its pieces
-            token_scores = np.asarray(
-                [scores[word_ids[t]] / pieces[word_ids[t]] for t in keep],  # type: ignore[index]
-                np.float32,
-            )
+            token_scores = np.asarray([scores[w] / pieces[w] for _, w in keep], np.float32)
             out.append(
                 (
                     [WordScore(w, float(x)) for w, x in zip(words, scores, strict=True)],
                     token_scores,
-                    [tokens[t] for t in keep],
+                    [tokens[t] for t, _ in keep],
                 )
             )
         return out

@@ -79,6 +79,7 @@ from retrieval.index.errors import (
     ModelMismatchError,
 )
 from retrieval.index.gallery import GalleryIndex, IndexView, VersionHandle
+from retrieval.index.policy import tokens_dtype
 
 if TYPE_CHECKING:
     from retrieval.index.backend import Backend
@@ -147,14 +148,20 @@ def open_index(
     when not given they come from ``CIR_INDEX_API_KEY``, ``CIR_INDEX_SHARD_NUMBER`` and
     ``CIR_INDEX_REPLICATION_FACTOR`` (so every command -- indexer, server, demo -- reaches a
     secured cluster the same way), else no key and 1 shard, 1 replica.
-    ``options``: backend tuning (see docs/index.md), e.g. ``{"fast_recall": 0.99}``.
+    ``options``: backend tuning (see docs/index.md), e.g. ``{"fast_recall": 0.99}``;
+    ``tokens_dtype`` (``"float32"`` | ``"float16"``, else ``CIR_INDEX_TOKENS_DTYPE``): how new
+    versions store the token originals.
     """
     backend, location = parse_uri(uri)
+    options = dict(options or {})
+    if "tokens_dtype" not in options and os.environ.get("CIR_INDEX_TOKENS_DTYPE"):
+        options["tokens_dtype"] = os.environ["CIR_INDEX_TOKENS_DTYPE"]  # new versions' storage
+    tokens_dtype(options)  # a wrong value fails here, not at the first build
     b: Backend
     if backend == "edge":
         from retrieval.index.edge import EdgeBackend
 
-        b = EdgeBackend(location, name, options or {})
+        b = EdgeBackend(location, name, options)
     else:
         from retrieval.index.qdrant_server import QdrantBackend
 
@@ -169,7 +176,7 @@ def open_index(
             replication_factor=replication_factor
             or int(env.get("CIR_INDEX_REPLICATION_FACTOR", "1")),
             timeout=timeout,
-            options=options or {},
+            options=options,
         )
     return GalleryIndex(
         b,
@@ -181,7 +188,7 @@ def open_index(
         force=force,
         read_only=read_only,
         keep_versions=keep_versions,
-        options=dict(options or {}),
+        options=options,
     )
 
 

@@ -27,7 +27,7 @@ from retrieval.index.api import ID_KEY, USER_ID_KEY, Hit, Record, VersionMeta
 from retrieval.index.backend import iter_chunks
 from retrieval.index.errors import GalleryIndexError, IndexInUseError
 from retrieval.index.filters import Condition
-from retrieval.index.policy import SearchPlan
+from retrieval.index.policy import SearchPlan, tokens_dtype
 from retrieval.index.validate import PayloadSpec, point_id, to_hit, to_record
 from retrieval.index.versions import Catalog, Pointer, is_locked, write_json_atomic
 
@@ -59,6 +59,11 @@ def shard_config(meta: VersionMeta, options: Mapping[str, Any]) -> Any:
         # m=0: no graph on the multivector (HNSW on it took 30 min per 100k and lost)
         hnsw_config=q.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10),
         on_disk=True,
+        datatype=(
+            q.VectorStorageDatatype.Float16
+            if tokens_dtype(options) == "float16"
+            else q.VectorStorageDatatype.Float32
+        ),
     )
     pooled = q.EdgeVectorParams(
         size=dim,

@@ -20,6 +20,20 @@ from retrieval.index.api import AUTO_FAST_MIN_POINTS, CALIBRATION_KEY, SEARCH_PA
 from retrieval.index.filters import Condition
 from retrieval.index.validate import PayloadSpec, payload_spec
 
+#: How a new version stores its float originals of ``tokens`` (option ``tokens_dtype``, or
+#: ``CIR_INDEX_TOKENS_DTYPE``): float32, or float16 for half the disk and page cache (unit
+#: vectors: a score moves by ~1e-4). The int8 copy searched in RAM is the same either way.
+TOKENS_DTYPES = ("float32", "float16")
+
+
+def tokens_dtype(options: Mapping[str, Any]) -> str:
+    """The validated ``tokens_dtype`` option (default float32)."""
+    value = str(options.get("tokens_dtype", "float32")).lower()
+    if value not in TOKENS_DTYPES:
+        raise ValueError(f"tokens_dtype must be one of {TOKENS_DTYPES}, got {value!r}")
+    return value
+
+
 #: what a search returns of each hit's payload unless asked otherwise (parsed once)
 DEFAULT_SEARCH_PAYLOAD: PayloadSpec = payload_spec(SEARCH_PAYLOAD)
 

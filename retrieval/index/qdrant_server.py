@@ -36,7 +36,7 @@ from retrieval.index.errors import (
     IndexUnavailableError,
 )
 from retrieval.index.filters import Condition
-from retrieval.index.policy import SearchPlan
+from retrieval.index.policy import SearchPlan, tokens_dtype
 from retrieval.index.validate import PayloadSpec, point_id, to_hit, to_record
 from retrieval.index.versions import VERSION_RE, OwnerLock, check_name
 
@@ -508,6 +508,11 @@ class QdrantBackend:
                         comparator=m.MultiVectorComparator.MAX_SIM
                     ),
                     on_disk=True,  # originals on disk, int8 copy in RAM
+                    datatype=(
+                        m.Datatype.FLOAT16
+                        if tokens_dtype(opts) == "float16"
+                        else m.Datatype.FLOAT32
+                    ),
                     hnsw_config=m.HnswConfigDiff(m=0),  # no graph on the multivector
                     quantization_config=m.ScalarQuantization(
                         scalar=m.ScalarQuantizationConfig(
