@@ -727,6 +727,37 @@ def test_exact_mode_is_exact_on_near_ties(tmp_path):
     assert recall({"oversampling": 1.0}) < 1.0  # the int8 scan alone is not exact here
 
 
+def test_float16_token_storage(tmp_path, monkeypatch):
+    """tokens_dtype=float16 (or CIR_INDEX_TOKENS_DTYPE): the originals take about half the disk,
+    and exact search keeps the float32 top-10 with scores within float16 rounding."""
+    ids, toks, payloads = make_data(n=1500, q=16, d=256)
+    queries = toks[::150, 0] + 0.1 * np.random.default_rng(1).standard_normal((10, 256))
+    sizes, found = {}, {}
+    for dtype in ("float32", "float16"):
+        if dtype == "float16":
+            monkeypatch.setenv("CIR_INDEX_TOKENS_DTYPE", "float16")
+        uri = f"edge:{tmp_path / dtype}"
+        with open_index(uri, "g", encoder_fingerprint="x") as idx:
+            with idx.create_version(VersionMeta("x", "p", (16, 256), {})) as v:
+                v.upsert(ids, toks, payloads)
+            idx.activate(v.version)
+        monkeypatch.delenv("CIR_INDEX_TOKENS_DTYPE", raising=False)
+        sizes[dtype] = sum(  # allocated bytes: engine files are sparse and preallocated
+            f.stat().st_blocks * 512 for f in (tmp_path / dtype).rglob("*") if f.is_file()
+        )
+        with open_index(uri, "g", read_only=True) as idx:  # a reader needs no option
+            found[dtype] = [idx.search(qv, top_k=10, mode="exact") for qv in queries]
+    for a, b, qv in zip(found["float32"], found["float16"], queries, strict=True):
+        assert [h.id for h in a][:5] == [h.id for h in b][:5]
+        true_b = exact_scores(toks[[ids.index(h.id) for h in b]], qv)
+        np.testing.assert_allclose([h.score for h in b], true_b, atol=2e-3)
+        assert true_b.min() >= a[-1].score - 2e-3  # past the top 5 only near ties may swap
+    originals = 1500 * 16 * 256 * 2  # the bytes float16 saves
+    assert sizes["float32"] - sizes["float16"] > 0.8 * originals
+    with pytest.raises(ValueError, match="tokens_dtype"):
+        open_index(f"edge:{tmp_path / 'bad'}", "g", options={"tokens_dtype": "int4"})
+
+
 def test_qdrant_settings_from_environment(monkeypatch):
     monkeypatch.setenv("CIR_INDEX_SHARD_NUMBER", "3")
     monkeypatch.setenv("CIR_INDEX_REPLICATION_FACTOR", "2")
