@@ -696,13 +696,14 @@ def query_streamed(uri: str, qs: np.ndarray, truth: np.ndarray, modes: list[str]
         logger.info("streamed %s: %s", mode, row)
         rows.append(row)
     info = idx.describe()
+    rss_end = _rss_split_mb()  # the index still open: what a server holds
     idx.close()
     return {
         "rows": rows,
         "rss_before_open": rss0,
         "rss_after_open": rss_open,
-        "rss_after_queries": _rss_split_mb(),
-        "peak_rss_mb": round(_rss_split_mb().get("VmHWM", 0.0), 0),
+        "rss_after_queries": rss_end,
+        "peak_rss_mb": round(rss_end.get("VmHWM", 0.0), 0),
         "info": info,
     }
 
