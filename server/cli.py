@@ -55,6 +55,9 @@ def serve_cmd(
     batch_threads: int | None = typer.Option(
         None, "--batch-threads", help="Torch threads for batches of 4+ queries (default: same)."
     ),
+    rerank_threads: int | None = typer.Option(
+        None, "--rerank-threads", help="Torch threads for the re-ranker's batch (default: same)."
+    ),
     max_batch: int | None = typer.Option(None, "--max-batch", help="Largest micro-batch."),
     max_wait_ms: float | None = typer.Option(
         None, "--max-wait-ms", help="Longest wait for a batch to fill after its first query."
@@ -143,6 +146,7 @@ def serve_cmd(
         dtype=dtype,
         num_threads=num_threads,
         batch_threads=batch_threads,
+        rerank_threads=rerank_threads,
         max_batch=1 if no_batching else max_batch,
         max_wait_ms=max_wait_ms,
         adaptive_wait=adaptive_wait,

@@ -71,6 +71,9 @@ class ServerSettings(BaseSettings):
     # torch threads for batches of BATCH_THREADS_MIN+ queries (None: num_threads); a lone query's
     # small matmuls lose more to thread hand-offs than they gain, a batch's do not
     batch_threads: int | None = Field(None, ge=1)
+    # torch threads for the re-ranker's batch (None: as for an encoder batch of its size); it
+    # runs after the batch's search, when the search process's core may be free
+    rerank_threads: int | None = Field(None, ge=1)
 
     # --- batching and admission
     max_batch: int = Field(16, ge=1, le=1024)  # largest micro-batch (1 disables batching)

@@ -440,13 +440,16 @@ class Engine:
         return data, sniff_mime(data), int(w), int(h)
 
     # ------------------------------------------------------------------ inference thread
-    def _pick_threads(self, n: int) -> int:
+    def _pick_threads(self, n: int, override: int | None = None) -> int:
         """Torch threads for a batch of ``n`` queries (``batch_threads`` from
-        :data:`BATCH_THREADS_MIN` on); called in the inference thread that runs the model."""
+        :data:`BATCH_THREADS_MIN` on, or ``override``); called in the inference thread that runs
+        the model."""
         import torch
 
         want = self._small_threads
-        if self.settings.batch_threads and n >= BATCH_THREADS_MIN:
+        if override:
+            want = override
+        elif self.settings.batch_threads and n >= BATCH_THREADS_MIN:
             want = self.settings.batch_threads
         if want != self._threads_now and self.encoder.device.type == "cpu":
             torch.set_num_threads(want)
@@ -624,6 +627,7 @@ class Engine:
         from retrieval.rerank import QueryFeatures
 
         feats = QueryFeatures.cat([queries[i].rerank_feats for i in todo])
+        self._pick_threads(len(todo), self.settings.rerank_threads)
         scores = self.reranker.score(feats, cand, first)  # [B, k]
         for row, i in enumerate(todo):
             if i in missing:
