@@ -452,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         help="re-ranking rows: SearchRequest.rerank_k values, e.g. 0,50 (empty: the server's "
         "default only)",
     )
+    p.add_argument(
+        "--batching",
+        choices=("both", "on", "off"),
+        default="both",
+        help="server batching in the rows: both (side by side), or only on / off",
+    )
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -495,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             calibrate_index(f"edge:{args.work_dir}", name, query_vectors=qv)
         calibrations[n] = _calibration_of(args.work_dir, name)
         print(f"gallery {n:,}: fast-mode calibration {calibrations[n]}", flush=True)
-        for dtype, batching in [(d, b) for d in args.dtypes.split(",") for b in (True, False)]:
+        modes = {"on": (True,), "off": (False,), "both": (True, False)}[args.batching]
+        for dtype, batching in [(d, b) for d in args.dtypes.split(",") for b in modes]:
             proc, port = start_server(model, args.work_dir, name, batching, args, dtype)
             try:
                 for rk, c in [(rk, c) for rk in reranks for c in concs]:
