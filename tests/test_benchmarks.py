@@ -204,3 +204,32 @@ def test_indexer_benchmark_puts_the_ray_executor_beside_inprocess(tmp_path: Path
     assert all(r["indexed"] == 24 and r["verified"] for r in rows)
     assert all(r["images_per_s_end_to_end"] > 0 for r in rows)
     assert "| ratio to inprocess |" in res.stdout and "| tiny | ray (warm) | 24 |" in res.stdout
+
+
+def test_streamed_index_benchmark_builds_from_a_memmap_and_resumes(tmp_path: Path) -> None:
+    """benchmarks/index.py --streamed at toy size: rendered features in a float16 memmap, a
+    float16 Edge build calibrated on composed queries, queries in a fresh process; a second run
+    reuses the features and the build (what a killed 1M run relies on)."""
+    import numpy as np
+
+    out = tmp_path / "streamed.json"
+    args = ["--features", "tiny", "--render", "300", "--streamed", "--queries-n", "20"]
+    args += ["--calibrate-queries", "40", "--tokens-dtype", "float16"]
+    args += ["--cache", str(tmp_path / "cache"), "--workdir", str(tmp_path / "work")]
+    res = _run("index.py", args, out)
+    doc = json.loads(out.read_text())
+    assert doc["n"] == 300 and doc["encode"]["done"] == 300
+    feats = np.load(Path(doc["encode"]["folder"]) / "targets_f16.npy", mmap_mode="r")
+    assert feats.shape[0] == 300 and feats.dtype == np.float16
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(feats[:5], np.float32), axis=-1), 1.0, atol=2e-3
+    )
+    build = doc["build"]
+    assert build["options"] == {"tokens_dtype": "float16"}
+    assert build["calibration"]["source"] == "composed" and build["calibration"]["queries"] == 40
+    rows = {r["mode"]: r for r in doc["serve"]["rows"]}
+    assert set(rows) == {"exact", "fast"} and rows["exact"]["recall10"] >= 0.99
+    assert doc["serve"]["rss_after_queries"]["rss_mb"] > 0
+    assert "| exact | exact |" in res.stdout
+    again = _run("index.py", args, out)  # features, ground truth and build are reused
+    assert json.loads(out.read_text())["build"] == build and "encoded" not in again.stderr
