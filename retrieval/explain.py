@@ -42,9 +42,9 @@ tokens with [CLS] first, C ViT width, L caption tokens incl. [CLS]/[SEP], Q targ
   S(ref, text, cand) - S(ref, text, ref) instead of the score. ``occlusion`` (the default)
   is gradient-free: the margin minus the margin with the word's WordPieces replaced by
   [MASK], all variants in one batched pass (the ViT runs once per image). On the shapes world
-  the new value's word ranks in the top two for 77 % of single edits with occlusion, against
-  38-41 % for gradient x input, whose first-order view of a 12-layer text pass is mostly noise
-  (docs/benchmarks.md).
+  the new value's word ranks in the top two for 83 % of single edits with occlusion, against
+  41-42 % for gradient x input (64 % for its margin form): a first-order view of the text
+  pass is mostly noise here (docs/benchmarks.md).
 
 Any scorer is explained through hooks on the model's ViT and word embeddings, so a scorer only
 has to run ``encoder.model`` on the pixels and ids it is given (in batches of its choosing):

@@ -658,40 +658,36 @@ class Engine:
         """Move the re-ranker's features out of the hits' payloads (they never reach a
         response) and decode those of the first ``k``: id -> [T, C] float32."""
         from retrieval.index.api import PATCHES_KEY
+
+        texts = [(h.id, h.payload.pop(PATCHES_KEY, None)) for h in hits]
+        return self._decode_patches(texts[:k])
+
+    def _decode_patches(self, texts: list[tuple[str, Any]]) -> dict[str, np.ndarray]:
+        """(id, payload text) -> id -> [T, C]; a missing or unusable text is left out."""
         from retrieval.rerank import decode_patches
 
         assert self.reranker is not None
         cfg = self.reranker.config
         out: dict[str, np.ndarray] = {}
-        for rank, h in enumerate(hits):
-            text = h.payload.pop(PATCHES_KEY, None)
-            if rank < k and isinstance(text, str):
+        for pid, text in texts:
+            if isinstance(text, str):
                 try:
-                    out[h.id] = decode_patches(text, cfg.pair_rows, cfg.pair_dim)
+                    out[pid] = decode_patches(text, cfg.pair_rows, cfg.pair_dim)
                 except ValueError as exc:
-                    logger.warning("point %s: unusable re-ranker features: %s", h.id, exc)
+                    logger.warning("point %s: unusable re-ranker features: %s", pid, exc)
         return out
 
     def candidate_features(self, ids: list[str]) -> dict[str, np.ndarray]:
         """What the re-ranker reads of each candidate, in one index call: the stored target
         vectors [Q, D] ("targets") or the ViT tokens [T, C] stored in the payload ("patches")."""
         from retrieval.index.api import PATCHES_KEY
-        from retrieval.rerank import decode_patches
 
         assert self.reranker is not None
-        cfg = self.reranker.config
-        if cfg.features == "targets":
+        if self.reranker.config.features == "targets":
             recs = self.index.get(ids, with_vectors=True, with_payload=False)
             return {r.id: np.asarray(r.tokens, np.float32) for r in recs if r.tokens is not None}
-        out: dict[str, np.ndarray] = {}
-        for r in self.index.get(ids, with_vectors=False, with_payload=[PATCHES_KEY]):
-            text = r.payload.get(PATCHES_KEY)
-            if isinstance(text, str):
-                try:
-                    out[r.id] = decode_patches(text, cfg.pair_rows, cfg.pair_dim)
-                except ValueError as exc:
-                    logger.warning("point %s: unusable re-ranker features: %s", r.id, exc)
-        return out
+        recs = self.index.get(ids, with_vectors=False, with_payload=[PATCHES_KEY])
+        return self._decode_patches([(r.id, r.payload.get(PATCHES_KEY)) for r in recs])
 
     def check_reranker_features(self) -> None:
         """At start-up: the active version holds what the re-ranker reads (RuntimeError)."""
