@@ -61,17 +61,21 @@ def pick_model(arg: str | None) -> tuple[str, str]:
 
 def _open_fresh(work: Path, name: str, n: int, encoder: Any) -> Any | None:
     """None when ``name`` already holds ``n`` points for this encoder (reuse it); otherwise
-    clear it and return a new, empty index to fill."""
-    from retrieval.index import open_index
+    (another size, or another encoder's vectors) clear it and return a new, empty index."""
+    from retrieval.index import ModelMismatchError, open_index
 
     uri = f"edge:{work}"
-    idx = open_index(uri, name, encoder_fingerprint=encoder.fingerprint, preset=encoder.preset)
     try:
-        if idx.active_version is not None and idx.count() == n:
-            logger.info("reusing %s (%d points)", name, n)
-            return None
-    finally:
-        idx.close()
+        idx = open_index(uri, name, encoder_fingerprint=encoder.fingerprint, preset=encoder.preset)
+    except ModelMismatchError:
+        logger.info("%s was built with another encoder: rebuilding it", name)
+    else:
+        try:
+            if idx.active_version is not None and idx.count() == n:
+                logger.info("reusing %s (%d points)", name, n)
+                return None
+        finally:
+            idx.close()
     shutil.rmtree(work / name, ignore_errors=True)
     return open_index(
         uri,
