@@ -14,6 +14,7 @@ per call, one thread), recall@10/@50, RSS growth and disk, and each p50 as a rat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -417,7 +418,6 @@ def encode_gallery(
     -- or, with ``render`` > 0, that many random shapes scenes (the real-feature gallery of
     benchmarks/server.py) -- with a trained model folder (e.g. models/sprc-shapes), and composed
     queries from a triplet jsonl (``reference`` + ``caption``). Cached as .npy under ``cache``."""
-    import io
 
     import torch
     from PIL import Image
@@ -431,18 +431,9 @@ def encode_gallery(
     cache.mkdir(parents=True, exist_ok=True)
     f_path, q_path = cache / "targets.npy", cache / "queries.npy"
     if render:
-        import importlib.util
 
-        spec = importlib.util.spec_from_file_location(
-            "bench_server", Path(__file__).with_name("server.py")
-        )
-        assert spec is not None and spec.loader is not None
-        bench_server = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench_server)
-
-        def images(s: int, m: int) -> list[Any]:
-            pngs = bench_server._render_chunk((s, m, 0))  # the scenes of --gallery real
-            return [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
+        def images(s: int, m: int) -> list[Any]:  # the scenes of --gallery real
+            return [im.convert("RGB") for im in _bench_server().render_scenes(s, m, 0)]
 
         total = render
     else:
@@ -478,6 +469,7 @@ def encode_gallery(
 # --- streamed: a gallery larger than RAM (1M x 16 x 256 is 16.4 GB of float32) ----------------
 
 
+@functools.cache
 def _bench_server() -> Any:
     """benchmarks/server.py as a module (the renderer of its real-feature gallery)."""
     import importlib.util
