@@ -538,7 +538,7 @@ def encode_streamed(model: str, n: int, cache: Path, seed: int = 0, chunk: int =
     mm = np.lib.format.open_memmap(
         feats_p, mode="r+" if feats_p.exists() else "w+", dtype=np.float16, shape=(n, q, d)
     )
-    jobs = [(s, min(chunk, n - s), seed) for s in range(state["done"], n, chunk)]
+    jobs = [(s, min(chunk, n - s), seed) for s in range(int(state["done"]), n, chunk)]
     t0, done0, secs0 = time.perf_counter(), state["done"], state["seconds"]
     with mp.get_context("fork").Pool(1) as pool:
         for (s, m, _), pix in zip(jobs, pool.imap(_render_job, jobs), strict=True):
@@ -667,7 +667,7 @@ def query_streamed(uri: str, qs: np.ndarray, truth: np.ndarray, modes: list[str]
         t0 = time.perf_counter()
         got, times = run_queries(idx, qs, 10, mode)
         wall = time.perf_counter() - t0
-        ran = idx.search(qs[0], top_k=10, mode=mode)
+        ran = idx.search(qs[0], top_k=10, mode=mode)  # type: ignore[arg-type]
         p50, p95 = pct(times)
         row = dict(
             mode=mode,
