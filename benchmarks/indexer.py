@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -131,13 +132,18 @@ def run_preset(
         workers=args.workers,
         device=args.device,
         dtype=args.dtype,
-        num_threads=args.threads or os.cpu_count(),  # the Ray actor: as many as in-process
+        # the Ray actor's torch threads: --ray-threads, else as many as in-process
+        num_threads=(args.ray_threads if executor == "ray" else None)
+        or args.threads
+        or os.cpu_count(),
         progress=False,
         verify_sample=8,
         fresh=True,
         calibrate=False,  # not part of the throughput
         executor=executor,
         encoders=args.encoders,
+        cpus_per_encoder=args.cpus_per_encoder,
+        cpus_per_decoder=args.cpus_per_decoder,
     )
     rep = build(cfg, encoder=enc)
     st = rep.stage_seconds
@@ -180,6 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--encoders", type=int, default=1, help="ray: encoder actors")
     ap.add_argument("--ray-address", default=None, help="ray: join this cluster (default: local)")
+    ap.add_argument(
+        "--ray-threads", type=int, default=None, help="ray: encoder actor's torch threads"
+    )
+    ap.add_argument("--cpus-per-encoder", type=float, default=1.0, help="ray: CPUs per actor")
+    ap.add_argument("--cpus-per-decoder", type=float, default=1.0, help="ray: CPUs per decode task")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of the executors, alternating (ray: one cold build, then a warm one per "
+        "round); the summary gives each round's ratio and their median",
+    )
     args = ap.parse_args(argv)
     executors = [e for e in args.executor.split(",") if e]
     logging.basicConfig(level=logging.WARNING)
@@ -212,14 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="cir-bench-") as tmp:
             for preset in [p for p in args.presets.split(",") if p]:
-                for executor in executors:
-                    runs = ["cold", "warm"] if executor == "ray" else [""]
-                    for tag in runs:
-                        r = run_preset(preset, counts.get(preset, 64), args, Path(tmp), executor)
-                        r["executor"] = f"{executor} ({tag})" if tag else executor
-                        add_fractions(r, peak)
-                        results.append(r)
-                        print(json.dumps(r), file=sys.stderr, flush=True)
+                for rnd in range(max(1, args.repeat)):
+                    for executor in executors:
+                        runs = ["cold", "warm"] if executor == "ray" and rnd == 0 else ["warm"]
+                        for tag in runs if executor == "ray" else [""]:
+                            r = run_preset(
+                                preset, counts.get(preset, 64), args, Path(tmp), executor
+                            )
+                            r["executor"] = f"{executor} ({tag})" if tag else executor
+                            r["round"] = rnd
+                            add_fractions(r, peak)
+                            results.append(r)
+                            print(json.dumps(r), file=sys.stderr, flush=True)
     finally:
         if "ray" in executors:
             import ray
@@ -268,20 +290,36 @@ def add_fractions(r: dict[str, Any], peak: dict[str, float]) -> None:
 def print_executors(results: list[dict[str, Any]]) -> None:
     """Images/s per executor beside in-process (same preset, same run)."""
     print()
-    print("| preset | executor | images | img/s end-to-end | ratio to inprocess | pipeline s |")
-    print("|---|---|---|---|---|---|")
-    base = {r["preset"]: r for r in results if r["executor"] == "inprocess"}
+    print(
+        "| preset | round | executor | images | img/s end-to-end | ratio to inprocess "
+        "(same round) | pipeline s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    base = {(r["preset"], r["round"]): r for r in results if r["executor"] == "inprocess"}
+    ratios: dict[tuple[str, str], list[float]] = {}
     for r in results:
-        b = base.get(r["preset"])
-        ratio = (
-            f"{r['images_per_s_end_to_end'] / b['images_per_s_end_to_end']:.2f}"
-            if b and b["images_per_s_end_to_end"]
-            else "-"
-        )
+        b = base.get((r["preset"], r["round"]))
+        ratio = "-"
+        if b and b["images_per_s_end_to_end"]:
+            x = r["images_per_s_end_to_end"] / b["images_per_s_end_to_end"]
+            ratios.setdefault((r["preset"], r["executor"]), []).append(x)
+            ratio = f"{x:.2f}"
         print(
-            f"| {r['preset']} | {r['executor']} | {r['indexed']} | "
+            f"| {r['preset']} | {r['round']} | {r['executor']} | {r['indexed']} | "
             f"{r['images_per_s_end_to_end']} | {ratio} | {r['stage_seconds'].get('pipeline', 0):.2f} |"
         )
+    rounds = {r["round"] for r in results}
+    if len(rounds) > 1:
+        print()
+        print("| preset | executor | rounds | median ratio | min | max |")
+        print("|---|---|---|---|---|---|")
+        for (preset, ex), xs in ratios.items():
+            if ex == "inprocess":
+                continue
+            print(
+                f"| {preset} | {ex} | {len(xs)} | {statistics.median(xs):.2f} | "
+                f"{min(xs):.2f} | {max(xs):.2f} |"
+            )
 
 
 def print_table(machine: dict[str, Any], results: list[dict[str, Any]]) -> None:

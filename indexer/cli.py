@@ -206,6 +206,23 @@ GpusPerEncoderOpt = Annotated[
         help="--executor ray: GPUs per encoder actor when the cluster has GPUs (else CPU)",
     ),
 ]
+CpusPerEncoderOpt = Annotated[
+    float,
+    typer.Option(
+        "--cpus-per-encoder",
+        min=0.0,
+        help="--executor ray: CPUs per encoder actor (on CPU also its torch threads, unless "
+        "--num-threads)",
+    ),
+]
+CpusPerDecoderOpt = Annotated[
+    float,
+    typer.Option(
+        "--cpus-per-decoder",
+        min=0.05,
+        help="--executor ray: CPUs per decode/preprocess task (0.5: two tasks per CPU)",
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -264,6 +281,8 @@ def build_cmd(
     ray_address: RayAddressOpt = None,
     encoders: EncodersOpt = 1,
     gpus_per_encoder: GpusPerEncoderOpt = 1.0,
+    cpus_per_encoder: CpusPerEncoderOpt = 1.0,
+    cpus_per_decoder: CpusPerDecoderOpt = 1.0,
 ) -> None:
     """Index a folder or manifest into a new version (or --incremental into the active one)."""
     from indexer.pipeline import build

@@ -77,5 +77,6 @@ class BuildConfig:
     encoders: int = 1  # ray: encoder actors (one model each)
     gpus_per_encoder: float = 1.0  # ray: GPUs per encoder actor when the cluster has GPUs
     cpus_per_encoder: float = 1.0  # ray: CPUs per encoder actor (its torch threads on CPU)
+    cpus_per_decoder: float = 1.0  # ray: CPUs per decode task (a fraction runs more at once)
     parallel_writes: bool | None = None  # ray: workers upsert (None: yes for qdrant:, else the
     # driver writes, since Edge and local indexes have one owner process)

@@ -173,6 +173,26 @@ class QueryFeatures:
         return QueryFeatures(*(move(t) for t in self.astuple()))
 
 
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over [..., S, d] x [..., M, d]. The softmax is written
+    out: torch's CPU kernel (and SDPA's) costs ~6x more on rows this short (M = 11-30)."""
+    # float32 elementwise: bf16 ones are slower on CPU (and less exact) than the conversion
+    att = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if bias is not None:
+        att = att + bias
+    att = (att - att.amax(-1, keepdim=True)).exp()
+    att = att / att.sum(-1, keepdim=True)
+    if dropout > 0:
+        att = F.dropout(att, dropout)
+    return torch.matmul(att.to(v.dtype), v)
+
+
 class _Block(nn.Module):
     """Pre-norm: self-attention over one candidate's tokens, cross-attention to the query
     side (its keys/values computed once per query, not once per candidate), FFN."""
@@ -205,16 +225,23 @@ class _Block(nn.Module):
     def forward(
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mem_bias: torch.Tensor
     ) -> torch.Tensor:
-        """x [B, K, S, W]; kv from memory_kv; mem_bias [B, 1, 1, 1, M] (0 or -inf)."""
+        """x [B, K, S, W]; kv from memory_kv; mem_bias [B, 1, 1, M] (0 or -inf)."""
         b, k, s, w = x.shape
-        h = self.norm1(x).view(b * k, s, w)
-        x = x + self.drop(self.self_attn(h, h, h, need_weights=False)[0]).view(b, k, s, w)
         hd = w // self.heads
-        q = self.q(self.norm2(x)).view(b, k, s, self.heads, hd).transpose(2, 3)  # [B,K,h,S,d]
+        # self-attention within each candidate, with nn.MultiheadAttention's weights (and its
+        # attention dropout) but written out: its native path is slow at these short lengths
+        sa = self.self_attn
+        qkv = F.linear(self.norm1(x).view(b * k, s, w), sa.in_proj_weight, sa.in_proj_bias)
+        q, kk, v = qkv.view(b * k, s, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # [BK,h,S,d]
+        att = _attend(q, kk, v, dropout=sa.dropout if self.training else 0.0)
+        att = att.transpose(1, 2).reshape(b, k, s, w)
+        x = x + self.drop(F.linear(att, sa.out_proj.weight, sa.out_proj.bias))
+        # cross-attention to the query side: the K candidates' S tokens of a query attend to
+        # the same memory, so they are one [K*S]-long query sequence per (query, head)
+        q = self.q(self.norm2(x)).view(b, k * s, self.heads, hd).transpose(1, 2)  # [B,h,KS,d]
         keys, values = kv  # [B, h, M, d]
-        att = torch.einsum("bkhsd,bhmd->bkhsm", q, keys) * hd**-0.5 + mem_bias
-        out = torch.einsum("bkhsm,bhmd->bkhsd", att.softmax(-1), values)
-        x = x + self.drop(self.o(out.transpose(2, 3).reshape(b, k, s, w)))
+        out = _attend(q, keys, values, mem_bias)
+        x = x + self.drop(self.o(out.transpose(1, 2).reshape(b, k, s, w)))
         return x + self.drop(self.ffn(self.norm3(x)))
 
 
@@ -278,7 +305,7 @@ class RerankerModel(nn.Module):
             dim=1,
         )
         bias = torch.zeros(keep.shape, dtype=mem.dtype, device=mem.device)
-        bias = bias.masked_fill(~keep, float("-inf"))[:, None, None, None, :]
+        bias = bias.masked_fill(~keep, float("-inf"))[:, None, None, :]  # [B, 1, 1, M]
         blocks: list[_Block] = list(self.blocks)  # type: ignore[arg-type]
         return [blk.memory_kv(mem) for blk in blocks], bias
 

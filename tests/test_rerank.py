@@ -79,6 +79,30 @@ def test_a_candidate_is_scored_on_its_own() -> None:
     assert (model(changed, cand, first)[0] - full[0]).abs().max() > 1e-4
 
 
+@torch.no_grad()
+def test_block_matches_multihead_attention_and_softmax_attention() -> None:
+    """The block's written-out attention (for speed on short rows) is the textbook one: its
+    nn.MultiheadAttention called as a module, then softmax cross-attention to the memory."""
+    cfg = RerankerConfig(pair_rows=5, pair_dim=8, query_dim=12, width=16, heads=2)
+    model = _random_head(RerankerModel(cfg))
+    qf, cand, first = _features(3, 6, cfg, seed=3)
+    kvs, bias = model.encode_query(qf)
+    x = torch.randn(3, 6, cfg.pair_rows + 1, cfg.width)
+    blk = model.blocks[0]
+    b, k, s, w = x.shape
+    h = blk.norm1(x).view(b * k, s, w)
+    ref = x + blk.self_attn(h, h, h, need_weights=False)[0].view(b, k, s, w)
+    hd = w // cfg.heads
+    q = blk.q(blk.norm2(ref)).view(b, k, s, cfg.heads, hd).transpose(2, 3)  # [B,K,h,S,d]
+    keys, values = kvs[0]
+    att = torch.einsum("bkhsd,bhmd->bkhsm", q, keys) * hd**-0.5 + bias[:, None]
+    out = torch.einsum("bkhsm,bhmd->bkhsd", att.softmax(-1), values)
+    ref = ref + blk.o(out.transpose(2, 3).reshape(b, k, s, w))
+    ref = ref + blk.ffn(blk.norm3(ref))
+    torch.testing.assert_close(blk(x, kvs[0], bias), ref, atol=1e-5, rtol=1e-5)
+    assert (bias == float("-inf")).any()  # the padded caption rows were masked in both
+
+
 def test_save_load_round_trip_and_fingerprint(tmp_path: Path) -> None:
     cfg = RerankerConfig(pair_rows=5, pair_dim=8, query_dim=12, width=16, heads=2, encoder="x")
     rr = Reranker(_random_head(RerankerModel(cfg)))

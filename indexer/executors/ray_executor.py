@@ -271,14 +271,14 @@ class RayExecutor:
         )
         ds: Any = ray.data.from_arrow([table.slice(s, step) for s in range(0, n, step)])
         dctx = DecodeContext(job.enc.preprocessor, job.present, cfg.thumbnails)
-        # decode: CPU tasks, one CPU each; the memory request is a batch's working set, and
+        # decode: CPU tasks of --cpus-per-decoder CPUs each; the memory request is a batch's working set, and
         # (differing from the encoders' resources) it keeps Ray Data from fusing decode into
         # the encoder actors, which would decode and encode one after the other in one process
         ds = ds.map_batches(
             decode_rows,
             fn_kwargs={"ctx": dctx},
             batch_size=bs,
-            num_cpus=1,
+            num_cpus=cfg.cpus_per_decoder,
             memory=DECODE_TASK_MEMORY,
         )
         gpus = float(ray.cluster_resources().get("GPU", 0.0))
