@@ -1,4 +1,5 @@
-"""retrieval's own subcommands: data, convert, train, eval."""
+"""retrieval's own subcommands: data, convert, train, eval, train-reranker,
+calibrate-reranker."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.command("train-reranker")(train_reranker_cmd)
+    app.command("calibrate-reranker")(calibrate_reranker_cmd)
 
 
 def train_cmd(
@@ -178,8 +180,8 @@ def eval_cmd(
     rerank: int | None = typer.Option(
         None,
         "--rerank",
-        help="Re-rank each query's first-stage top-K with the re-ranker (0 = off; default 20 "
-        "when the model folder has a re-ranker).",
+        help="Re-rank each query's first-stage top-K with the re-ranker (0 = off; default "
+        "retrieval.rerank.DEFAULT_RERANK_K when the model folder has a re-ranker).",
     ),
     reranker_dir: Path | None = typer.Option(
         None, "--reranker", help="Re-ranker folder (default: MODEL/reranker when present)."
@@ -296,3 +298,47 @@ def train_reranker_cmd(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
     typer.echo(json.dumps(summary, indent=2))
+
+
+def calibrate_reranker_cmd(
+    model: str = typer.Option(..., "--model", help="The first-stage model folder."),
+    data: Path = typer.Option(..., "--data", help="Data dir with SPLIT.jsonl and gallery.jsonl."),
+    reranker_dir: Path | None = typer.Option(
+        None, "--reranker", help="Re-ranker folder to calibrate (default: MODEL/reranker)."
+    ),
+    split: str = typer.Option(
+        "val", help="Held-out split to fit on (never a test split you report)."
+    ),
+    k: int = typer.Option(0, "--k", help="Candidates re-ranked (0 = the serving default)."),
+    limit: int = typer.Option(0, help="Use only the first N triplets (0 = all)."),
+    num_threads: int = typer.Option(0, help="Torch CPU threads (0 = default)."),
+) -> None:
+    """Fit the re-ranker's first-stage weight (alpha) on a held-out split and write it back
+    (the re-ranker's fingerprint changes; calibration.json records the grid)."""
+    from retrieval.encoder import Encoder
+    from retrieval.rerank import DEFAULT_RERANK_K, RerankerError, find_reranker
+    from retrieval.rerank_calibrate import calibrate_folder
+
+    enc = Encoder.from_pretrained(model, num_threads=num_threads or None)
+    folder = reranker_dir if reranker_dir is not None else find_reranker(model)
+    if folder is None:
+        typer.echo(f"error: {model} has no re-ranker (--reranker DIR)", err=True)
+        raise typer.Exit(code=2)
+    try:
+        report = calibrate_folder(enc, folder, data, split, k or DEFAULT_RERANK_K, limit=limit)
+    except (RerankerError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(
+        "| alpha | x trained | R@1 | R@5 | R@10 |\n|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {r['alpha']:.2f} | {r['scale']:g} | "
+            + " | ".join(f"{100 * r['recall'][x]:.1f}" for x in ("1", "5", "10"))
+            + " |"
+            for r in report["grid"]
+        )
+    )
+    typer.echo(
+        f"alpha {report['alpha_trained']:.3f} -> {report['alpha']:.3f} on {split} "
+        f"(n={report['n']}, K={report['k']}); fingerprint {report['fingerprint']}"
+    )

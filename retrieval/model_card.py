@@ -152,6 +152,17 @@ def render_reranker(card: dict[str, Any]) -> str:
             f"| {100 * after['5']:.1f} |"
         )
     tr, c = rr["training"], rr["training"]["config"]
+    cal = rr.get("calibration") or tr.get("calibration")
+    calibration = ""
+    if cal:
+        before, after = cal["recall_trained"], cal["recall"]
+        calibration = (
+            f"\n- First-stage weight fitted on held-out triplets (`retrieval/rerank_calibrate.py`):"
+            f"\n  alpha {cal['alpha_trained']:.2f} as trained -> {cal['alpha']:.2f} "
+            f"(x{cal['scale']:g}), chosen on the {cal['split']} split ({cal['n']} triplets, "
+            f"K = {cal['k']})\n  by R@1 + R@5: {100 * before['1']:.1f} / {100 * before['5']:.1f} -> "
+            f"{100 * after['1']:.1f} / {100 * after['5']:.1f}."
+        )
     return f"""
 ## Second stage: the re-ranker (`reranker/`)
 
@@ -170,7 +181,7 @@ trained on this folder's first stage (`{rr["encoder"]}`), which it refuses to se
   {tr.get("train_images", "train")} train images and {c["in_batch"]} in-batch targets (softmax
   cross-entropy); lr {c["lr"]}, seed {c["seed"]}; stopped: {tr["stopped"]};
   {tr["seconds"] / 60:.1f} minutes of training (plus {tr.get("feature_seconds", 0) / 60:.1f} to
-  compute the frozen first stage's features and mine) on {rr["machine"]}.
+  compute the frozen first stage's features and mine) on {rr["machine"]}.{calibration}
 
 | split | ranking | R@1 | R@5 | R@10 | R@50 |
 |---|---|---|---|---|---|
@@ -219,6 +230,36 @@ def add_reranker(
         "training": {**summary, "config": train_cfg},
         "eval": evals,
     }
+    (out / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
+    (out / CARD_MD).write_text(render_markdown(card))
+    return card
+
+
+def refresh_reranker(
+    out: Path, data: Path, commands: list[str], k: int | None = None
+) -> dict[str, Any]:
+    """Re-evaluate the re-ranker already in ``out`` (e.g. after ``cir calibrate-reranker``)
+    and update its card entry: fingerprint, figures, calibration, and ``commands`` appended."""
+    from retrieval.rerank import DEFAULT_RERANK_K, RERANKER_DIR, Reranker
+    from retrieval.rerank_calibrate import CALIBRATION_JSON
+
+    k = DEFAULT_RERANK_K if k is None else k
+    enc = Encoder.from_pretrained(out)
+    dest = out / RERANKER_DIR
+    rr = Reranker.from_pretrained(dest)
+    rr.check_encoder(enc)
+    gallery = encode_gallery(enc, data, load_gallery(data), patches=rr.config.features == "patches")
+    card = json.loads((out / CARD_JSON).read_text())
+    entry = card["reranker"]
+    for split in list(entry["eval"]):
+        res = evaluate(enc, data, split, gallery=gallery, reranker=rr, rerank_k=k)
+        print(format_table(res))
+        entry["eval"][split] = res
+    entry["fingerprint"] = rr.fingerprint
+    entry["bytes"] = sum(f.stat().st_size for f in dest.iterdir())
+    entry["commands"] = [*entry["commands"], *(c for c in commands if c not in entry["commands"])]
+    if (dest / CALIBRATION_JSON).is_file():
+        entry["calibration"] = json.loads((dest / CALIBRATION_JSON).read_text())
     (out / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
     (out / CARD_MD).write_text(render_markdown(card))
     return card
@@ -304,6 +345,12 @@ def main() -> None:
     ap.add_argument(
         "--reranker-commands-file", type=Path, help="the re-ranker's commands, one per line"
     )
+    ap.add_argument(
+        "--reranker-refresh",
+        action="store_true",
+        help="re-evaluate OUT's re-ranker as it is now (e.g. after cir calibrate-reranker) and "
+        "update its card entry; --reranker-commands-file lines are appended",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     commands = args.commands_file.read_text().splitlines() if args.commands_file else []
@@ -317,6 +364,11 @@ def main() -> None:
     rr_commands = (
         args.reranker_commands_file.read_text().splitlines() if args.reranker_commands_file else []
     )
+    if args.reranker_refresh:
+        if args.data is None:
+            ap.error("--reranker-refresh needs --data")
+        refresh_reranker(args.out, args.data, rr_commands)
+        return
     if args.reranker_only:
         if args.reranker_run is None or args.data is None:
             ap.error("--reranker-only needs --reranker-run and --data")

@@ -37,6 +37,7 @@ from retrieval.encoder import Encoder, resolve_device, set_threads
 from retrieval.precision import resolve_precision
 from retrieval.preprocess import BatchNormaliser
 from retrieval.rerank import (
+    DEFAULT_RERANK_K,
     FEATURE_SOURCES,
     QueryFeatures,
     Reranker,
@@ -46,6 +47,7 @@ from retrieval.rerank import (
     listwise_loss,
     query_features,
 )
+from retrieval.rerank_calibrate import CALIBRATION_JSON, calibrate_alpha
 from retrieval.train import (
     ImageBank,
     load_training_state,
@@ -82,6 +84,9 @@ class RerankTrainConfig:
     val_limit: int = 300  # val triplets per validation (0 = all)
     val_gallery: int = 1000  # gallery size for validation (0 = full gallery)
     val_rerank_k: int = 50  # K re-ranked in validation
+    # After training, fit alpha (the first-stage score's weight) on the whole val split at
+    # this K (retrieval.rerank_calibrate); 0 = keep the trained alpha, -1 = DEFAULT_RERANK_K
+    calibrate_k: int = -1
     time_budget_min: float = 0.0  # stop (and save) after this many minutes; 0 = none
     limit: int = 0  # use only the first N train triplets (0 = all)
     device: str = "auto"  # auto | cpu | cuda
@@ -369,6 +374,17 @@ class RerankTrainer:
         self.model.train()
         return {"first": res["recall"], "rerank": res["rerank"]["recall"]}
 
+    def calibrate(self) -> dict[str, Any] | None:
+        """Fit alpha on the full val split (retrieval.rerank_calibrate); None when off or the
+        data has no val split."""
+        k = DEFAULT_RERANK_K if self.cfg.calibrate_k < 0 else self.cfg.calibrate_k
+        if not k or not (self.data_dir / "val.jsonl").is_file():
+            return None
+        report = calibrate_alpha(self.encoder, self.reranker(), self.data_dir, "val", k)
+        self.model.train()
+        self._log({"step": self.step, "calibration": {x: report[x] for x in ("alpha", "scale")}})
+        return report
+
     def fit(self, resume: bool = True, until: int | None = None) -> dict[str, Any]:
         """Train to ``max_steps`` (or stop after global step ``until``, checkpointing, as an
         interrupted run would)."""
@@ -419,7 +435,10 @@ class RerankTrainer:
         if stopped == "interrupted":
             return {"steps": self.step, "stopped": stopped}
         final = self.out / "model"
+        calibration = self.calibrate()
         self.reranker().save_pretrained(final)
+        if calibration is not None:
+            (final / CALIBRATION_JSON).write_text(json.dumps(calibration, indent=2) + "\n")
         val = self.validate()
         if val:
             self._log({"step": self.step, "val": val})
@@ -434,6 +453,7 @@ class RerankTrainer:
             "feature_seconds": round(self.feature_seconds, 1),
             "features": cfg.features,
             "val": val,
+            "calibration": calibration,
         }
         (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

@@ -58,6 +58,11 @@ def serve_cmd(
     rerank_threads: int | None = typer.Option(
         None, "--rerank-threads", help="Torch threads for the re-ranker's batch (default: same)."
     ),
+    rerank_cache_mb: float | None = typer.Option(
+        None,
+        "--rerank-cache-mb",
+        help="MB of re-ranker candidate features kept by point id (0: read them every time).",
+    ),
     max_batch: int | None = typer.Option(None, "--max-batch", help="Largest micro-batch."),
     max_wait_ms: float | None = typer.Option(
         None, "--max-wait-ms", help="Longest wait for a batch to fill after its first query."
@@ -107,7 +112,7 @@ def serve_cmd(
     rerank: int | None = typer.Option(
         None,
         "--rerank",
-        help="Default rerank_k of requests that set none (default 20 with a re-ranker; 0: "
+        help="Default rerank_k of requests that set none (default 25 with a re-ranker; 0: "
         "re-ranking off, no re-ranker loaded).",
     ),
     recall_guard_rate: float | None = typer.Option(
@@ -147,6 +152,7 @@ def serve_cmd(
         num_threads=num_threads,
         batch_threads=batch_threads,
         rerank_threads=rerank_threads,
+        rerank_cache_mb=rerank_cache_mb,
         max_batch=1 if no_batching else max_batch,
         max_wait_ms=max_wait_ms,
         adaptive_wait=adaptive_wait,

@@ -50,7 +50,7 @@ class ServerSettings(BaseSettings):
     # --- second stage: a re-ranker over the first stage's top rerank_k
     reranker: str | None = None  # re-ranker folder (None: MODEL/reranker when the folder has one)
     rerank_k: int | None = Field(None, ge=0)  # default rerank_k of a request that sets none
-    # (None: 20 with a re-ranker; 0: re-ranking off and no re-ranker loaded)
+    # (None: 25 with a re-ranker; 0: re-ranking off and no re-ranker loaded)
     max_rerank_k: int = Field(200, ge=1, le=1000)  # largest accepted SearchRequest.rerank_k
 
     # --- network
@@ -113,6 +113,9 @@ class ServerSettings(BaseSettings):
     # --- caches, refresh, shutdown
     feature_cache_size: int = Field(2048, ge=0)  # gallery reference ViT features kept (0: off)
     feature_cache_mb: float = Field(512.0, ge=0)  # byte bound of that cache
+    # the re-ranker's per-candidate features ("patches": ViT tokens, float16), by point id: a
+    # warm cache lets a re-ranked search skip reading them from the index (0: off)
+    rerank_cache_mb: float = Field(256.0, ge=0)
     refresh_interval_s: float = Field(2.0, ge=0)  # poll for a newly activated version (0: off)
     grace_s: float = Field(15.0, ge=0)  # SIGTERM: time in-flight requests get to finish
     log_format: Literal["json", "text"] = "json"  # structured (JSON lines) or plain logs

@@ -53,6 +53,7 @@ class Dispatcher:
             on_depth=metrics.queue_depth.set,
         )
         self._search_tasks: set[asyncio.Task[None]] = set()
+        self._rerank_cache_seen = (0, 0)  # the engine's rerank_cache totals last exported
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, engine: Engine) -> None:
@@ -233,4 +234,9 @@ class Dispatcher:
         for i, r in zip(todo, sub, strict=True):
             results[i] = r
         self.metrics.stage.labels("rerank").observe(ms / 1000.0)
+        cache = self._engine.rerank_cache  # its running totals, exported as the increments
+        seen_hits, seen_misses = self._rerank_cache_seen
+        self._rerank_cache_seen = (cache.hits, cache.misses)
+        self.metrics.rerank_cache.labels("hit").inc(max(0, cache.hits - seen_hits))
+        self.metrics.rerank_cache.labels("miss").inc(max(0, cache.misses - seen_misses))
         return ms

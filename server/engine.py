@@ -84,6 +84,11 @@ class RankedHit:
     reranked: bool
 
 
+# rerank_hit_rate above which a re-ranked search stops reading its candidates' features with
+# its hits (a miss then costs a second index call, for the few not cached)
+RERANK_CACHE_WARM = 0.9
+
+
 class FeatureCache:
     """LRU of reference ViT features per gallery image, bounded by entries and bytes."""
 
@@ -98,7 +103,7 @@ class FeatureCache:
 
     @staticmethod
     def _size(t: Any) -> int:
-        return int(t.numel() * t.element_size())
+        return int(t.nbytes)  # torch tensors and numpy arrays alike
 
     def get(self, key: str) -> Any:
         with self._lock:
@@ -195,6 +200,16 @@ class Engine:
         self.cache = FeatureCache(
             settings.feature_cache_size, int(settings.feature_cache_mb * 1024 * 1024)
         )
+        # the re-ranker's candidate features by point id (float16 [T, C]). A point id is the
+        # uuid5 of the image's content and every served version has this encoder (the model
+        # guard), so an id's features never change and need no version in the key.
+        self.rerank_cache = FeatureCache(
+            1 << 62, int(settings.rerank_cache_mb * 1024 * 1024) if reranker is not None else 0
+        )
+        # share of recent re-rank candidates found in that cache (EMA over batches): while it
+        # is low a search reads the candidates' features with its hits (one index call), once
+        # it is high only the misses are read, in one `get`
+        self.rerank_hit_rate = 0.0
         self._fields: dict[str, str] | None = None
         self._fields_version: str | None = None
         import torch
@@ -537,7 +552,9 @@ class Engine:
             payload: Any = None  # the index's default: no thumbnail, no re-ranker features
             if q.reranks:
                 top_k, offset = max(q.rerank_k, q.offset + q.top_k), 0
-                if with_patches:  # the candidates' ViT tokens come with the hits: no 2nd call
+                # the candidates' ViT tokens come with the hits (no 2nd call), unless the
+                # cache is warm: then rerank() reads only its misses
+                if with_patches and self.rerank_hit_rate < RERANK_CACHE_WARM:
                     payload = {"exclude": ["thumbnail"]}
             mode = cast("SearchMode", "exact" if forced else q.mode)  # validated by the service
             try:  # one call to the index (its search process) per group: hits + version
@@ -591,13 +608,19 @@ class Engine:
         assert self.reranker is not None
         t0 = time.perf_counter()
         windows = {i: results[i][: queries[i].rerank_k] for i in todo}  # type: ignore[index]
+        wanted = {h.id for i in todo for h in windows[i]}
+        cached = self._cached_candidates(wanted)  # looked up first: the hit rate counts all
         tokens: dict[str, np.ndarray] = {}
-        for i in todo:  # read with the search's hits (patches), else fetched here in one call
+        for i in todo:  # read with the search's hits (patches), else cached or fetched here
             tokens.update(queries[i].rerank_cands)
-        ids = sorted({h.id for i in todo for h in windows[i]} - tokens.keys())
+        self._cache_candidates({p: t for p, t in tokens.items() if p not in cached})
+        tokens = {**cached, **tokens}
+        ids = sorted(wanted - tokens.keys())
         try:
             if ids:
-                tokens.update(self.candidate_features(ids))
+                fetched = self.candidate_features(ids)
+                tokens.update(fetched)
+                self._cache_candidates(fetched)
         except GalleryIndexError as exc:  # mapped by the one table (server/errors.py)
             err = to_request_error(exc)
             if err.code == "INTERNAL":
@@ -661,6 +684,23 @@ class Engine:
 
         texts = [(h.id, h.payload.pop(PATCHES_KEY, None)) for h in hits]
         return self._decode_patches(texts[:k])
+
+    def _cached_candidates(self, ids: set[str]) -> dict[str, np.ndarray]:
+        """The cached features of ``ids`` (patches only), and the hit rate's update."""
+        assert self.reranker is not None
+        if self.rerank_cache.max_bytes <= 0 or self.reranker.config.features != "patches":
+            return {}
+        out = {pid: t for pid in ids if (t := self.rerank_cache.get(pid)) is not None}
+        if ids:
+            rate = len(out) / len(ids)
+            self.rerank_hit_rate = 0.8 * self.rerank_hit_rate + 0.2 * rate
+        return out
+
+    def _cache_candidates(self, feats: dict[str, np.ndarray]) -> None:
+        assert self.reranker is not None
+        if self.rerank_cache.max_bytes > 0 and self.reranker.config.features == "patches":
+            for pid, t in feats.items():  # float16, as stored in the index: half the memory
+                self.rerank_cache.put(pid, t.astype(np.float16))
 
     def _decode_patches(self, texts: list[tuple[str, Any]]) -> dict[str, np.ndarray]:
         """(id, payload text) -> id -> [T, C]; a missing or unusable text is left out."""

@@ -78,6 +78,12 @@ class Metrics:
         self.cache = Counter(
             "cir_feature_cache", "Reference feature cache lookups", ["result"], registry=r
         )
+        self.rerank_cache = Counter(
+            "cir_rerank_cache",
+            "Re-ranker candidate feature cache lookups (rerank_cache_mb)",
+            ["result"],
+            registry=r,
+        )
         self.index_count = Gauge(
             "cir_index_points", "Gallery items in the served version", registry=r
         )

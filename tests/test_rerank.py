@@ -179,6 +179,14 @@ def test_resume_is_exact_and_eval_reports_both_stages(
     straight = tmp_path / "straight"
     summary = RerankTrainer(_cfg(world, encoder_dir, straight, features=features)).fit(resume=False)
     assert summary["steps"] == 8 and set(summary["val"]) == {"first", "rerank"}
+    # alpha fitted on the whole val split at the serving K, recorded beside the weights
+    cal = summary["calibration"]
+    assert cal["split"] == "val" and cal["n"] == 48 and cal["k"] == DEFAULT_RERANK_K
+    saved = json.loads((straight / "model" / "calibration.json").read_text())
+    assert saved["alpha"] == pytest.approx(cal["alpha"])
+    assert float(Reranker.from_pretrained(straight / "model").model.alpha.detach()) == (
+        pytest.approx(cal["alpha"], rel=1e-3)
+    )
     resumed = tmp_path / "resumed"
     first = RerankTrainer(_cfg(world, encoder_dir, resumed, features=features))
     assert first.fit(resume=False, until=4)["stopped"] == "interrupted"
