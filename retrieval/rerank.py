@@ -54,6 +54,10 @@ FEATURE_SOURCES = ("targets", "patches")
 # fresh worlds, where K = 20 left it at 96.8-96.9; K = 30 adds ~0.3 of R@5 at ~10 % less QPS
 # at concurrency 32 (docs/rerank.md)
 DEFAULT_RERANK_K = 25
+# Smallest call (queries x candidates) that a CPU scores under bf16 autocast: below it the
+# casts cost more than the bf16 matmuls save (1 query x 25-50: fp32 1.1-1.4x faster; from
+# 8 x 25 on, bf16 1.2-1.7x faster, on AMX; 2026-12-07, docs/rerank.md)
+CPU_BF16_MIN_CANDIDATES = 150
 
 
 def encode_patches(tokens: np.ndarray) -> str:
@@ -422,12 +426,20 @@ class Reranker:
                 f"not on {encoder.fingerprint}: retrain it (cir train-reranker)"
             )
 
+    def uses_bf16(self, n_candidates: int) -> bool:
+        """bf16 autocast for a call over ``n_candidates`` (B x K) candidates: on CUDA always
+        (with ``bf16``); on a CPU only from :data:`CPU_BF16_MIN_CANDIDATES` on."""
+        if not self.bf16:
+            return False
+        return self.device.type != "cpu" or n_candidates >= CPU_BF16_MIN_CANDIDATES
+
     @torch.inference_mode()
     def score(
         self, feats: QueryFeatures, candidates: torch.Tensor, first_scores: torch.Tensor
     ) -> torch.Tensor:
         """[B, K] re-ranked scores (float32, on the CPU)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        bf16 = self.uses_bf16(candidates.shape[0] * candidates.shape[1])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = self.model(
                 feats.to(self.device, torch.float32),
                 candidates.to(self.device, torch.float32),

@@ -103,6 +103,25 @@ def test_block_matches_multihead_attention_and_softmax_attention() -> None:
     assert (bias == float("-inf")).any()  # the padded caption rows were masked in both
 
 
+def test_cpu_bf16_only_for_large_calls() -> None:
+    """On a CPU, bf16 autocast starts at CPU_BF16_MIN_CANDIDATES (smaller calls are faster in
+    float32): a small call scores exactly as the float32 re-ranker, a large one within bf16."""
+    from retrieval.rerank import CPU_BF16_MIN_CANDIDATES
+
+    cfg = RerankerConfig(pair_rows=5, pair_dim=8, query_dim=12, width=16, heads=2)
+    model = _random_head(RerankerModel(cfg))
+    fp32, bf16 = Reranker(model, bf16=False), Reranker(model, bf16=True)
+    assert not bf16.uses_bf16(CPU_BF16_MIN_CANDIDATES - 1)
+    assert bf16.uses_bf16(CPU_BF16_MIN_CANDIDATES) and not fp32.uses_bf16(10_000)
+    small = _features(2, 6, cfg, seed=4)
+    assert torch.equal(bf16.score(*small), fp32.score(*small))
+    k = -(-CPU_BF16_MIN_CANDIDATES // 4)  # 4 queries x k candidates >= the threshold
+    large = _features(4, k, cfg, seed=5)
+    a, b = fp32.score(*large), bf16.score(*large)
+    assert not torch.equal(a, b)  # autocast ran
+    torch.testing.assert_close(b, a, atol=0.1, rtol=0.05)
+
+
 def test_save_load_round_trip_and_fingerprint(tmp_path: Path) -> None:
     cfg = RerankerConfig(pair_rows=5, pair_dim=8, query_dim=12, width=16, heads=2, encoder="x")
     rr = Reranker(_random_head(RerankerModel(cfg)))
