@@ -51,7 +51,9 @@ demo-model: setup-python
 
 # The second stage on the committed first stage (models/sprc-shapes): features of the train
 # split and mining once (~10 min), then at most 55 min of training on 2 cores (10000 steps took
-# 32 min); the card gains the first-stage-alone and re-ranked figures of one run.
+# 32 min), then the first-stage weight (alpha) fitted on the val split at the serving K (~30 s,
+# retrieval/rerank_calibrate.py); the card gains the first-stage-alone and re-ranked figures of
+# one run.
 RERANK_THREADS ?= 2
 RERANK_FLAGS ?= --features patches --width 64 --max-steps 10000 --batch-size 32 --negatives 15 --in-batch 8 \
 	--mine-k 50 --lr 5e-4 --seed 0 --num-threads $(RERANK_THREADS) --val-every 2500 \
