@@ -377,8 +377,9 @@ class Reranker:
         self.model = model.to(device).eval()
         self.config = model.config
         self.device = torch.device(device)
-        # bf16 autocast where the hardware has it (CUDA; CPUs with AVX512-BF16/AMX): 1.5-2.6x
-        # faster batches on this CPU at the same ranking (docs/rerank.md); weights stay fp32
+        # bf16 autocast where the hardware has it (CUDA; CPUs with AVX512-BF16/AMX; on a CPU
+        # only for calls of CPU_BF16_MIN_CANDIDATES+): faster batches at the same ranking
+        # (docs/rerank.md); weights stay fp32
         self.bf16 = native_bf16(self.device) if bf16 is None else bf16
         digest = state_dict_digest(model.state_dict())
         blob = json.dumps(self.config.to_dict(), sort_keys=True) + digest
