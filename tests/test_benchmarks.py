@@ -234,3 +234,30 @@ def test_streamed_index_benchmark_builds_from_a_memmap_and_resumes(tmp_path: Pat
     assert "| exact | exact |" in res.stdout
     again = _run("index.py", args, out)  # features, ground truth and build are reused
     assert json.loads(out.read_text())["build"] == build and "encoded" not in again.stderr
+
+
+def test_rerank_alpha_benchmark_puts_k_and_alpha_side_by_side(tmp_path: Path) -> None:
+    """`benchmarks/rerank_alpha.py`: R@1 / R@5 of the committed re-ranker for each K x alpha on
+    two splits from one pass each; a K's R@K cannot depend on alpha (it only re-orders)."""
+    from retrieval.data.shapes import ShapesConfig, generate
+
+    world = tmp_path / "w"
+    generate(
+        ShapesConfig(seed=5, train=16, val=40, test=40, test_unseen=8, gallery=150, workers=1),
+        world,
+        overwrite=True,
+    )
+    out = tmp_path / "alpha.json"
+    args = ["--data", f"{world}:val,{world}:test", "--k", "5,10", "--scales", "1,8"]
+    res = _run("rerank_alpha.py", [*args, "--threads", "1"], out, timeout=600)
+    rows = json.loads(out.read_text())
+    assert [(r["k"], r["scale"]) for r in rows] == [(5, 1.0), (5, 8.0), (10, 1.0), (10, 8.0)]
+    names = [f"{world}:val", f"{world}:test"]
+    for r in rows:
+        for n in names:
+            assert 0.0 <= r[n]["1"] <= r[n]["5"] <= r[n]["10"] <= 1.0
+    for n in names:  # membership of the top 10 is the first stage's: alpha cannot change R@10
+        assert rows[2][n]["10"] == rows[3][n]["10"]
+        assert rows[0][n]["5"] == rows[1][n]["5"]
+    assert abs(rows[1]["alpha"] - 8 * rows[0]["alpha"]) < 1e-6
+    assert "| K | alpha x trained |" in res.stdout and "alpha trained 15.87" in res.stdout
