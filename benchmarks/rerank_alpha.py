@@ -36,9 +36,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from retrieval.encoder import Encoder
-    from retrieval.evaluate import recall_at
+    from retrieval.evaluate import RerankLists, recall_at
     from retrieval.rerank import Reranker, find_reranker
-    from retrieval.rerank_calibrate import CALIBRATION_JSON, HeldOutLists, held_out_lists
+    from retrieval.rerank_calibrate import CALIBRATION_JSON, held_out_lists
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,17 +55,14 @@ def main() -> None:
     worlds = [w.rsplit(":", 1) for w in args.data.split(",") if w]
 
     rows: list[dict[str, Any]] = []
-    lists: dict[str, HeldOutLists] = {}
+    lists: dict[str, RerankLists] = {}
     for data, split in worlds:
         lists[f"{data}:{split}"] = held_out_lists(enc, rr, data, split, max(ks), limit=args.limit)
     for k in ks:
         for scale in scales:
             row: dict[str, Any] = {"k": k, "scale": scale, "alpha": trained * scale}
             for name, full in lists.items():
-                cut = HeldOutLists(
-                    full.first[:, :k], full.head[:, :k], full.hit[:, :k], full.first_rank
-                )
-                row[name] = recall_at(cut.ranks(trained * scale), (1, 5, 10))
+                row[name] = recall_at(full.prefix(k).ranks(trained * scale), (1, 5, 10))
             rows.append(row)
 
     print(f"re-ranker {rr.fingerprint}: alpha trained {trained:.2f}, as loaded {current:.2f}")

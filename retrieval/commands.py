@@ -319,11 +319,11 @@ def calibrate_reranker_cmd(
     from retrieval.rerank import DEFAULT_RERANK_K, RerankerError, find_reranker
     from retrieval.rerank_calibrate import calibrate_folder
 
-    enc = Encoder.from_pretrained(model, num_threads=num_threads or None)
     folder = reranker_dir if reranker_dir is not None else find_reranker(model)
-    if folder is None:
+    if folder is None:  # before the encoder is loaded
         typer.echo(f"error: {model} has no re-ranker (--reranker DIR)", err=True)
         raise typer.Exit(code=2)
+    enc = Encoder.from_pretrained(model, num_threads=num_threads or None)
     try:
         report = calibrate_folder(enc, folder, data, split, k or DEFAULT_RERANK_K, limit=limit)
     except (RerankerError, ValueError, FileNotFoundError) as exc:

@@ -224,6 +224,69 @@ def evaluate(
     return result
 
 
+@dataclass
+class RerankLists:
+    """Each query's first-stage top-K with the re-ranker's head scores (its score without the
+    ``alpha * first`` term), so any alpha re-orders them without another model pass.
+
+    Shapes (N queries, K candidates):
+      first  [N, K]  first-stage MaxSim of the top-K, descending (reference excluded)
+      head   [N, K]  the re-ranker's score without its first-stage term
+      hit    [N, K]  True where the candidate is the query's target
+      first_rank [N] 0-based first-stage rank of the target (used when it is not in the top-K)
+    """
+
+    first: torch.Tensor
+    head: torch.Tensor
+    hit: torch.Tensor
+    first_rank: torch.Tensor
+
+    def ranks(self, alpha: float) -> np.ndarray:
+        """0-based rank of each target after re-ranking with ``alpha``; a target outside the
+        top-K keeps its first-stage rank (>= K)."""
+        s = self.head + alpha * self.first
+        inside = self.hit.any(dim=1)
+        target = s.masked_fill(~self.hit, float("-inf")).amax(dim=1)
+        rr = (s > target[:, None]).sum(dim=1)
+        return torch.where(inside, rr, self.first_rank).numpy()
+
+    def prefix(self, k: int) -> RerankLists:
+        """The same lists cut to their first ``k`` candidates (a smaller K's top-K)."""
+        return RerankLists(self.first[:, :k], self.head[:, :k], self.hit[:, :k], self.first_rank)
+
+    @staticmethod
+    def cat(parts: Sequence[RerankLists]) -> RerankLists:
+        return RerankLists(
+            *(
+                torch.cat([getattr(p, f) for p in parts])
+                for f in ("first", "head", "hit", "first_rank")
+            )
+        )
+
+
+def rerank_lists(
+    reranker: Reranker,
+    qf: Any,
+    scores: torch.Tensor,
+    gallery: GalleryFeatures,
+    target_idx: Sequence[int],
+    exclude_idx: Sequence[int],
+    k: int,
+) -> RerankLists:
+    """Each row's first-stage top-k (reference excluded) scored by the re-ranker's head."""
+    scores = scores.clone()
+    rows = torch.arange(scores.shape[0])
+    excl = torch.tensor(exclude_idx)
+    scores[rows[excl >= 0], excl[excl >= 0]] = float("-inf")
+    first, top = scores.topk(min(k, scores.shape[1]), dim=1)  # [B, k]
+    source = gallery.tokens if reranker.config.features == "targets" else gallery.patches
+    assert source is not None, "a patches re-ranker needs the gallery's ViT tokens"
+    # alpha * first is added in ranks(): the same float32 sum the model's forward makes
+    head = reranker.score(qf, source[top], torch.zeros_like(first))  # [B, k]
+    first_rank = torch.from_numpy(target_ranks(scores, target_idx, [-1] * len(target_idx)))
+    return RerankLists(first, head, top == torch.tensor(target_idx)[:, None], first_rank)
+
+
 def rerank_ranks(
     reranker: Reranker,
     qf: Any,
@@ -235,22 +298,8 @@ def rerank_ranks(
 ) -> np.ndarray:
     """0-based rank of each row's target after re-ranking its first-stage top-k (reference
     excluded); a target outside the top-k keeps its first-stage rank (>= k)."""
-    scores = scores.clone()
-    rows = torch.arange(scores.shape[0])
-    excl = torch.tensor(exclude_idx)
-    scores[rows[excl >= 0], excl[excl >= 0]] = float("-inf")
-    k = min(k, scores.shape[1])
-    first, top = scores.topk(k, dim=1)  # [B, k]
-    source = gallery.tokens if reranker.config.features == "targets" else gallery.patches
-    assert source is not None, "a patches re-ranker needs the gallery's ViT tokens"
-    rr = reranker.score(qf, source[top], first)  # [B, k]
-    tgt = torch.tensor(target_idx)
-    first_rank = torch.from_numpy(target_ranks(scores, target_idx, [-1] * len(target_idx)))
-    hit = top == tgt[:, None]  # [B, k]
-    in_top = hit.any(dim=1)
-    tgt_rr = rr.masked_fill(~hit, float("-inf")).amax(dim=1)
-    rr_rank = (rr > tgt_rr[:, None]).sum(dim=1)
-    return torch.where(in_top, rr_rank, first_rank).numpy()
+    lists = rerank_lists(reranker, qf, scores, gallery, target_idx, exclude_idx, k)
+    return lists.ranks(float(reranker.model.alpha.detach()))
 
 
 def format_table(result: dict[str, Any]) -> str:

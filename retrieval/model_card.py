@@ -195,6 +195,21 @@ R@1 by type (test), first stage -> re-ranked (and re-ranked R@5):
 """
 
 
+def _evaluate_reranker(
+    enc: Encoder, rr: Any, data: Path, splits: list[str], k: int
+) -> dict[str, Any]:
+    """``evaluate`` of each split, first stage alone and re-ranked at ``k``, on one encoded
+    gallery (the re-ranker checked against the encoder first)."""
+    rr.check_encoder(enc)
+    gallery = encode_gallery(enc, data, load_gallery(data), patches=rr.config.features == "patches")
+    evals = {}
+    for split in splits:
+        res = evaluate(enc, data, split, gallery=gallery, reranker=rr, rerank_k=k)
+        print(format_table(res))
+        evals[split] = res
+    return evals
+
+
 def add_reranker(
     out: Path, run: Path, data: Path, commands: list[str], k: int | None = None
 ) -> dict[str, Any]:
@@ -202,17 +217,14 @@ def add_reranker(
     evaluate the first stage alone and re-ranked in one run, and add both to the card."""
     from retrieval.rerank import DEFAULT_RERANK_K, RERANKER_DIR, Reranker
 
-    k = DEFAULT_RERANK_K if k is None else k  # what cir eval / cir serve use by default
     enc = Encoder.from_pretrained(out)
     rr = Reranker.from_pretrained(run / "model")
-    rr.check_encoder(enc)
-    gallery = encode_gallery(enc, data, load_gallery(data), patches=rr.config.features == "patches")
-    evals = {}
-    for split in ("test", "test_unseen"):
-        if (data / f"{split}.jsonl").is_file() and (data / f"{split}.jsonl").stat().st_size:
-            res = evaluate(enc, data, split, gallery=gallery, reranker=rr, rerank_k=k)
-            print(format_table(res))
-            evals[split] = res
+    splits = [
+        s
+        for s in ("test", "test_unseen")
+        if (f := data / f"{s}.jsonl").is_file() and f.stat().st_size
+    ]
+    evals = _evaluate_reranker(enc, rr, data, splits, DEFAULT_RERANK_K if k is None else k)
     dest = out / RERANKER_DIR
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(run / "model", dest)
@@ -243,18 +255,13 @@ def refresh_reranker(
     from retrieval.rerank import DEFAULT_RERANK_K, RERANKER_DIR, Reranker
     from retrieval.rerank_calibrate import CALIBRATION_JSON
 
-    k = DEFAULT_RERANK_K if k is None else k
     enc = Encoder.from_pretrained(out)
     dest = out / RERANKER_DIR
     rr = Reranker.from_pretrained(dest)
-    rr.check_encoder(enc)
-    gallery = encode_gallery(enc, data, load_gallery(data), patches=rr.config.features == "patches")
     card = json.loads((out / CARD_JSON).read_text())
     entry = card["reranker"]
-    for split in list(entry["eval"]):
-        res = evaluate(enc, data, split, gallery=gallery, reranker=rr, rerank_k=k)
-        print(format_table(res))
-        entry["eval"][split] = res
+    k = DEFAULT_RERANK_K if k is None else k
+    entry["eval"] = _evaluate_reranker(enc, rr, data, list(entry["eval"]), k)
     entry["fingerprint"] = rr.fingerprint
     entry["bytes"] = sum(f.stat().st_size for f in dest.iterdir())
     entry["commands"] = [*entry["commands"], *(c for c in commands if c not in entry["commands"])]

@@ -21,16 +21,21 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from retrieval.data.triplets import load_gallery, load_triplets
 from retrieval.encoder import Encoder
-from retrieval.evaluate import encode_gallery, load_images, maxsim_scores, recall_at
+from retrieval.evaluate import (
+    RerankLists,
+    encode_gallery,
+    load_images,
+    maxsim_scores,
+    recall_at,
+    rerank_lists,
+)
 from retrieval.rerank import Reranker, query_features
 
 logger = logging.getLogger(__name__)
@@ -39,31 +44,6 @@ CALIBRATION_JSON = "calibration.json"  # written beside the re-ranker's weights
 # Multiples of the trained alpha tried (1 = keep it); the demo's best was 4-6 (docs/rerank.md).
 DEFAULT_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0)
 KS = (1, 5, 10)
-
-
-@dataclass
-class HeldOutLists:
-    """Each held-out query's first-stage top-K with the re-ranker's head scores (alpha = 0).
-
-    Shapes (N queries, K candidates):
-      first  [N, K]  first-stage MaxSim of the top-K, descending (reference excluded)
-      head   [N, K]  the re-ranker's score without its first-stage term
-      hit    [N, K]  True where the candidate is the query's target
-      first_rank [N] 0-based first-stage rank of the target (used when it is not in the top-K)
-    """
-
-    first: torch.Tensor
-    head: torch.Tensor
-    hit: torch.Tensor
-    first_rank: torch.Tensor
-
-    def ranks(self, alpha: float) -> np.ndarray:
-        """0-based rank of each target after re-ranking with ``alpha``."""
-        s = self.head + alpha * self.first
-        inside = self.hit.any(dim=1)
-        target = s.masked_fill(~self.hit, float("-inf")).amax(dim=1)
-        rr = (s > target[:, None]).sum(dim=1)
-        return torch.where(inside, rr, self.first_rank).numpy()
 
 
 @torch.inference_mode()
@@ -75,9 +55,9 @@ def held_out_lists(
     k: int = 30,
     batch_size: int = 64,
     limit: int = 0,
-) -> HeldOutLists:
+) -> RerankLists:
     """Score every ``split`` query's first-stage top-``k`` over the whole gallery with the
-    re-ranker's head (one pass; ``HeldOutLists.ranks`` then re-orders for any alpha)."""
+    re-ranker's head (one pass; ``RerankLists.ranks`` then re-orders for any alpha)."""
     reranker.check_encoder(encoder)
     data_dir = Path(data_dir)
     triplets = [t for t in load_triplets(data_dir, split) if t.target_id]
@@ -89,29 +69,20 @@ def held_out_lists(
     gallery = encode_gallery(
         encoder, data_dir, load_gallery(data_dir), batch_size, False, patches=source == "patches"
     )
-    feats_of = gallery.tokens if source == "targets" else gallery.patches
-    assert feats_of is not None
-    firsts, heads, hits, franks = [], [], [], []
+    parts = []
     for i in range(0, len(triplets), batch_size):
         chunk = triplets[i : i + batch_size]
-        tgt = torch.tensor([gallery.index[str(t.target_id)] for t in chunk])
         refs = encoder.reference_features(load_images(data_dir, [t.reference for t in chunk]))
         qf = query_features(encoder, refs, [t.caption for t in chunk], source)
-        s = maxsim_scores(qf.query.cpu().numpy(), gallery.tokens).clone()
-        for r, t in enumerate(chunk):
-            if t.reference_id in gallery.index:
-                s[r, gallery.index[t.reference_id]] = float("-inf")
-        target_score = s[torch.arange(len(chunk)), tgt]
-        franks.append((s > target_score[:, None]).sum(dim=1))
-        first, top = s.topk(min(k, s.shape[1]), dim=1)
-        heads.append(reranker.score(qf, feats_of[top], torch.zeros_like(first)))
-        firsts.append(first)
-        hits.append(top == tgt[:, None])
-    return HeldOutLists(torch.cat(firsts), torch.cat(heads), torch.cat(hits), torch.cat(franks))
+        scores = maxsim_scores(qf.query.cpu().numpy(), gallery.tokens)
+        tgt = [gallery.index[str(t.target_id)] for t in chunk]
+        excl = [gallery.index.get(t.reference_id, -1) for t in chunk]
+        parts.append(rerank_lists(reranker, qf, scores, gallery, tgt, excl, k))
+    return RerankLists.cat(parts)
 
 
 def choose_alpha(
-    lists: HeldOutLists, trained: float, scales: Sequence[float] = DEFAULT_SCALES
+    lists: RerankLists, trained: float, scales: Sequence[float] = DEFAULT_SCALES
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The grid row (``scale``, ``alpha``, ``recall``) with the best R@1 + R@5 over
     ``trained * scale`` for each scale (1 always included), and every row. Ties go to the

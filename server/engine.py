@@ -203,8 +203,9 @@ class Engine:
         # the re-ranker's candidate features by point id (float16 [T, C]). A point id is the
         # uuid5 of the image's content and every served version has this encoder (the model
         # guard), so an id's features never change and need no version in the key.
-        self.rerank_cache = FeatureCache(
-            1 << 62, int(settings.rerank_cache_mb * 1024 * 1024) if reranker is not None else 0
+        patches = reranker is not None and reranker.config.features == "patches"
+        self.rerank_cache = FeatureCache(  # 0 bytes (off) unless the re-ranker reads ViT tokens
+            1 << 62, int(settings.rerank_cache_mb * 1024 * 1024) if patches else 0
         )
         # share of recent re-rank candidates found in that cache (EMA over batches): while it
         # is low a search reads the candidates' features with its hits (one index call), once
@@ -687,8 +688,7 @@ class Engine:
 
     def _cached_candidates(self, ids: set[str]) -> dict[str, np.ndarray]:
         """The cached features of ``ids`` (patches only), and the hit rate's update."""
-        assert self.reranker is not None
-        if self.rerank_cache.max_bytes <= 0 or self.reranker.config.features != "patches":
+        if self.rerank_cache.max_bytes <= 0:
             return {}
         out = {pid: t for pid in ids if (t := self.rerank_cache.get(pid)) is not None}
         if ids:
@@ -697,8 +697,7 @@ class Engine:
         return out
 
     def _cache_candidates(self, feats: dict[str, np.ndarray]) -> None:
-        assert self.reranker is not None
-        if self.rerank_cache.max_bytes > 0 and self.reranker.config.features == "patches":
+        if self.rerank_cache.max_bytes > 0:
             for pid, t in feats.items():  # float16, as stored in the index: half the memory
                 self.rerank_cache.put(pid, t.astype(np.float16))
 

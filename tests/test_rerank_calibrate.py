@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 from cir.cli import app
 from retrieval.data.shapes import ShapesConfig, generate
 from retrieval.encoder import Encoder
-from retrieval.evaluate import evaluate
+from retrieval.evaluate import RerankLists, evaluate
 from retrieval.rerank import Reranker, RerankerConfig, RerankerModel
-from retrieval.rerank_calibrate import CALIBRATION_JSON, HeldOutLists, choose_alpha
+from retrieval.rerank_calibrate import CALIBRATION_JSON, choose_alpha
 
 
-def _lists(head_noise: float, first_noise: float, n: int = 400, k: int = 10) -> HeldOutLists:
+def _lists(head_noise: float, first_noise: float, n: int = 400, k: int = 10) -> RerankLists:
     """Target in column 0 of every list; head and first stage each see it through noise."""
     g = torch.Generator().manual_seed(0)
     signal = torch.zeros(n, k)
@@ -28,11 +28,11 @@ def _lists(head_noise: float, first_noise: float, n: int = 400, k: int = 10) -> 
     first = (signal + first_noise * torch.randn(n, k, generator=g)) * 0.1
     hit = torch.zeros(n, k, dtype=torch.bool)
     hit[:, 0] = True
-    return HeldOutLists(first, head, hit, torch.zeros(n, dtype=torch.long))
+    return RerankLists(first, head, hit, torch.zeros(n, dtype=torch.long))
 
 
 def test_ranks_follow_the_fused_score() -> None:
-    lists = HeldOutLists(
+    lists = RerankLists(
         first=torch.tensor([[0.9, 0.5], [0.9, 0.5]]),
         head=torch.tensor([[0.0, 1.0], [0.0, 1.0]]),
         hit=torch.tensor([[True, False], [False, False]]),
